@@ -1,0 +1,111 @@
+"""Raw documents from the configured sources.
+
+A document is one unit of text: a file, or a documentation topic. The special
+source "stdlib" is the Python standard library's own source files plus its
+bundled documentation topics: real text that exists wherever Python does, so
+the default run needs no download.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+STDLIB = "stdlib"
+# Test suites and vendored trees are skipped: they are large, repetitive and
+# not what anyone wants a model to learn first.
+_STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+
+
+class CorpusError(ValueError):
+    """A source is missing or yields no text; the message names it."""
+
+
+@dataclass(frozen=True)
+class Document:
+    name: str
+    text: str
+
+
+def _stdlib_files() -> list[Path]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)
+    ]
+    # Order by a hash of the path, so a byte budget takes a spread of modules
+    # rather than the alphabetically first ones.
+    return sorted(files, key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
+
+
+def resolve_files(source: str) -> list[Path]:
+    """Files of one source: a file, a directory (searched recursively) or a glob."""
+    path = Path(source).expanduser()
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+        files = [p for p in files if p.is_file()]
+        if not files:
+            raise CorpusError(f"data.sources: {source}: no such file, directory or matching glob")
+    if not files:
+        raise CorpusError(f"data.sources: {source}: directory holds no files")
+    return files
+
+
+def source_files(sources: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for source in sources:
+        files.extend(_stdlib_files() if source == STDLIB else resolve_files(source))
+    return files
+
+
+def fingerprint(sources: list[str], max_bytes: int) -> str:
+    """Identifies the corpus by its files' names, sizes and modification times."""
+    digest = hashlib.sha256(str(max_bytes).encode())
+    for path in source_files(sources):
+        stat = path.stat()
+        digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    if STDLIB in sources:
+        from pydoc_data import topics
+
+        digest.update(Path(topics.__file__).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def iter_documents(sources: list[str], max_bytes: int | None = None) -> Iterator[Document]:
+    """Yields documents in a fixed order until `max_bytes` of text have been read."""
+    budget = max_bytes if max_bytes is not None else float("inf")
+    for document in _all_documents(sources):
+        if budget <= 0:
+            return
+        if not document.text.strip():
+            continue
+        budget -= len(document.text.encode("utf-8"))
+        yield document
+
+
+def _all_documents(sources: list[str]) -> Iterator[Document]:
+    for source in sources:
+        if source == STDLIB:
+            from pydoc_data.topics import topics
+
+            for name in sorted(topics):
+                yield Document(f"pydoc:{name}", topics[name])
+            for path in _stdlib_files():
+                yield Document(str(path), path.read_text(encoding="utf-8", errors="replace"))
+        else:
+            for path in resolve_files(source):
+                try:
+                    text = path.read_text(encoding="utf-8")
+                except UnicodeDecodeError as err:
+                    raise CorpusError(f"{path}: not UTF-8 text ({err.reason} at byte {err.start})")
+                yield Document(str(path), text)

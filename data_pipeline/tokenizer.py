@@ -1,0 +1,94 @@
+"""SentencePiece tokenizer: training on a corpus sample, loading, and its content hash."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Iterable
+
+import sentencepiece as spm
+
+from data_pipeline.corpus import Document
+
+# Ids of the special pieces, fixed so that every tokenizer we train agrees.
+UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+
+class Tokenizer:
+    def __init__(self, model_path: str | os.PathLike):
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: SentencePiece model not found")
+        self.model_bytes = self.path.read_bytes()
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        self.hash = hashlib.sha256(self.model_bytes).hexdigest()
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.sp.encode(texts)
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.sp.decode([int(i) for i in ids])
+
+
+def _training_lines(documents: Iterable[Document], sample_bytes: int) -> Iterable[str]:
+    budget = sample_bytes
+    for document in documents:
+        for line in document.text.splitlines():
+            if budget <= 0:
+                return
+            if line.strip():
+                budget -= len(line)
+                yield line
+
+
+def train_tokenizer(
+    documents: Iterable[Document],
+    output: str | os.PathLike,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    sample_bytes: int = 4_000_000,
+) -> Tokenizer:
+    """Trains a byte-fallback SentencePiece model and writes `output` atomically.
+
+    Whitespace is kept exactly (identity normalisation, no collapsing of
+    spaces, whitespace-only pieces allowed) so that code and prose round-trip;
+    newlines are encoded through byte fallback, as in Llama's tokenizer.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    prefix = output.with_name(f".{output.stem}.tmp{os.getpid()}")
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(_training_lines(documents, sample_bytes)),
+        model_prefix=str(prefix),
+        vocab_size=vocab_size,
+        model_type=model_type,
+        byte_fallback=model_type != "char",
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        allow_whitespace_only_pieces=True,
+        split_digits=True,
+        character_coverage=0.9995,
+        unk_id=UNK_ID,
+        bos_id=BOS_ID,
+        eos_id=EOS_ID,
+        pad_id=PAD_ID,
+        num_threads=os.cpu_count() or 1,
+        minloglevel=2,
+    )
+    os.replace(f"{prefix}.model", output)
+    Path(f"{prefix}.vocab").unlink(missing_ok=True)
+    return Tokenizer(output)

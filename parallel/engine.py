@@ -1,0 +1,93 @@
+"""The DeepSpeed engine: its config generated from ours, and one optimizer step."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import deepspeed
+import torch
+
+from deepspeed.runtime.utils import clip_grad_norm_
+
+from parallel.groups import MegatronMPU
+from pretrain.config import Config
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def clips_in_loop(cfg: Config) -> bool:
+    """Whether the loop, not DeepSpeed, clips gradients.
+
+    DeepSpeed's mixed-precision and ZeRO optimizers report the gradient norm
+    they clip by; with plain fp32 and no ZeRO it clips without recording the
+    norm, so there we clip (with DeepSpeed's model-parallel aware function)
+    and keep the norm for logging.
+    """
+    return cfg.parallel.precision == "fp32" and cfg.parallel.zero_stage == 0
+
+
+def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
+    t, p = cfg.trainer, cfg.parallel
+    accumulation = t.global_batch_size // (t.micro_batch_size * data_parallel)
+    return {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": 0.0 if clips_in_loop(cfg) else cfg.optim.grad_clip,
+        "zero_optimization": {"stage": p.zero_stage},
+        "bf16": {"enabled": p.precision == "bf16"},
+        "fp16": {
+            "enabled": p.precision == "fp16",
+            "loss_scale": 0,  # dynamic
+            "initial_scale_power": 16,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        # Our AdamW is torch's; DeepSpeed only vouches for its own by default.
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel: int):
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=scheduler_factory,
+        config=deepspeed_config(cfg, data_parallel),
+        mpu=MegatronMPU,
+        dist_init_required=False,
+    )
+    return engine
+
+
+def train_step(
+    engine, batches: Iterator[dict], device: torch.device, clip: float = 0.0
+) -> tuple[torch.Tensor, float]:
+    """One optimizer step over gradient_accumulation_steps micro-batches.
+
+    Returns the mean loss and the gradient norm before clipping. `clip` > 0
+    clips here (see `clips_in_loop`); otherwise DeepSpeed clips.
+    """
+    steps = engine.gradient_accumulation_steps()
+    total = torch.zeros((), device=device)
+    grad_norm = None
+    for _ in range(steps):
+        batch = next(batches)
+        per_token = engine(
+            batch["tokens"].to(device, non_blocking=True),
+            batch["labels"].to(device, non_blocking=True),
+        )
+        loss = per_token.mean()
+        engine.backward(loss)  # DeepSpeed divides by the accumulation steps
+        if clip > 0 and engine.is_gradient_accumulation_boundary():
+            grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
+        engine.step()  # steps the optimizer only at the accumulation boundary
+        total += loss.detach()
+    if grad_norm is None:
+        grad_norm = engine.get_global_grad_norm()
+    return total / steps, float(grad_norm if grad_norm is not None else float("nan"))

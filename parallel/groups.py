@@ -1,0 +1,131 @@
+"""Process groups: torch.distributed start-up and megatron-core's `parallel_state`.
+
+The same code path runs for one process and for N ranks under torchrun or the
+deepspeed launcher: with no launcher variables present we start a one-rank
+group on a free local port.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+
+@dataclass(frozen=True)
+class Topology:
+    rank: int
+    world_size: int
+    local_rank: int
+    tensor: int
+    pipeline: int
+    data: int
+    device: torch.device
+
+    @property
+    def tp_rank(self) -> int:
+        return parallel_state.get_tensor_model_parallel_rank()
+
+    @property
+    def pp_rank(self) -> int:
+        return parallel_state.get_pipeline_model_parallel_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return parallel_state.get_data_parallel_rank()
+
+    @property
+    def is_logging_rank(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def resolve_device(requested: str) -> torch.device:
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("trainer.device=cuda: no CUDA device is visible")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Topology:
+    """Starts torch.distributed (if needed) and megatron-core's TP/PP/DP groups.
+
+    Rank order is megatron-core's default: tensor fastest, then data, then
+    pipeline, which is also what DeepSpeed's pipeline topology uses.
+    """
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python`/`pretrain` call: a world of one
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=timedelta(minutes=int(os.environ.get("PRETRAIN_DIST_TIMEOUT_MIN", 30))),
+        )
+    world_size = dist.get_world_size()
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor,
+            pipeline_model_parallel_size=pipeline,
+            create_gloo_process_groups=device.type == "cuda",
+        )
+    return Topology(
+        rank=dist.get_rank(),
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        tensor=tensor,
+        pipeline=pipeline,
+        data=world_size // (tensor * pipeline),
+        device=device,
+    )
+
+
+def destroy_process_groups() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class MegatronMPU:
+    """megatron-core's groups in the shape DeepSpeed's `mpu=` argument expects."""
+
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_world_size = staticmethod(
+        parallel_state.get_tensor_model_parallel_world_size
+    )
+    get_tensor_model_parallel_src_rank = staticmethod(
+        parallel_state.get_tensor_model_parallel_src_rank
+    )
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(
+        parallel_state.get_pipeline_model_parallel_world_size
+    )
+
+    @staticmethod
+    def get_model_parallel_rank() -> int:
+        return dist.get_rank(group=parallel_state.get_model_parallel_group())
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return dist.get_world_size(group=parallel_state.get_model_parallel_group())

@@ -1,0 +1,106 @@
+"""Device-agnostic building blocks plugged into megatron-core's layer spec.
+
+megatron-core's own `DotProductAttention` and `RotaryEmbedding` assume a CUDA
+device, and its torch norm wrapper refuses sequence parallelism. These
+replacements keep megatron-core's tensor layouts and call signatures so the
+rest of its `TransformerLayer` is used unchanged, on CPU and on GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm whose weight is marked for the sequence-parallel all-reduce.
+
+    Under sequence parallelism each tensor-parallel rank normalises a different
+    slice of the sequence, so the norm weight's gradient is partial and must be
+    summed over the tensor-parallel group; megatron-core does that for every
+    parameter carrying `sequence_parallel = True`.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class SDPAttention(MegatronModule):
+    """Causal attention through `F.scaled_dot_product_attention`.
+
+    SDPA selects flash or memory-efficient kernels on GPU and a fused kernel on
+    CPU. Grouped-query attention is handled by SDPA itself (`enable_gqa`), so
+    keys and values are never repeated in memory.
+
+    Takes megatron-core's layout: query [s, b, heads, d], key/value
+    [s, b, groups, d]; returns [s, b, heads * d].
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+        self.softmax_scale = softmax_scale
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type=None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        if packed_seq_params is not None or attention_bias is not None:
+            raise NotImplementedError("SDPAttention takes neither packed sequences nor a bias")
+        seq, batch, heads, head_dim = query.shape
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
+        # A boolean mask (True = masked out, megatron's convention) replaces causal
+        # masking, e.g. to stop attention across document boundaries.
+        mask = None if attention_mask is None else ~attention_mask
+        out = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=mask is None,
+            scale=self.softmax_scale,
+            enable_gqa=k.shape[1] != heads,
+        )
+        return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+
+
+def rotary_frequencies(
+    seq_len: int, head_dim: int, base: float, device: torch.device | None = None
+) -> torch.Tensor:
+    """Rotary angles in megatron-core's layout [s, 1, 1, head_dim].
+
+    Positions are laid out as in megatron-core's `RotaryEmbedding` (the two
+    halves of the head dimension rotate together), so its `apply_rotary_pos_emb`
+    consumes them directly.
+    """
+    inv_freq = 1.0 / (
+        base ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    )
+    positions = torch.arange(seq_len, dtype=torch.float32, device=device)
+    angles = torch.outer(positions, inv_freq)
+    return torch.cat((angles, angles), dim=-1)[:, None, None, :]

@@ -1,0 +1,84 @@
+"""`pretrain`: the Hydra entry point.
+
+The composed Hydra config becomes typed dataclasses here and nowhere else;
+everything below this file takes plain typed arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from pretrain.config import Config, ConfigError, from_dict
+
+CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+EXIT_BAD_INPUT = 2
+
+
+def fail(message: str) -> None:
+    print(f"pretrain: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+def to_config(raw: DictConfig) -> Config:
+    values = OmegaConf.to_container(raw, resolve=True)
+    values.pop("hydra", None)
+    return from_dict(Config, values)
+
+
+def check_overrides(overrides: list[str]) -> None:
+    """Composes the config once up front so a bad override fails in one line.
+
+    Hydra reports composition errors over several lines with advice about
+    environment variables; this gives the key and the reason instead.
+    """
+    from hydra import compose, initialize_config_dir
+
+    try:
+        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+            compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        cause = str(err.__cause__).strip().splitlines()[0] if err.__cause__ else ""
+        fail(f"{first} {cause}".strip())
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
+def hydra_main(raw: DictConfig) -> None:
+    try:
+        cfg = to_config(raw)
+        cfg.validate_world(int(os.environ.get("WORLD_SIZE", 1)))
+    except ConfigError as err:
+        fail(str(err))
+    from pretrain.trainer import run  # heavy imports only once the config is known to be good
+
+    try:
+        run(cfg, OmegaConf.to_yaml(raw))
+    except (ConfigError, FileNotFoundError) as err:
+        fail(str(err))
+    except Exception as err:
+        # Bad-input errors from the data and checkpoint layers name their file.
+        from data_pipeline.corpus import CorpusError
+        from data_pipeline.indexed import ShardError
+        from pretrain.checkpoint import RunDirError
+
+        if isinstance(err, (CorpusError, ShardError, RunDirError)):
+            fail(str(err))
+        raise
+
+
+def cli() -> None:
+    args = sys.argv[1:]
+    if not any(a in ("-m", "--multirun") or a.startswith("--") and a not in ("--cfg",) for a in args):
+        check_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    hydra_main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,181 @@
+"""Llama-style decoder built from megatron-core's tensor-parallel layers.
+
+RMSNorm, SwiGLU, rotary position embeddings and grouped-query attention. The
+model only describes the computation: which rank holds which shard is decided
+by megatron-core's `parallel_state`, set up in `parallel/`, before the model is
+built.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from pretrain.config import ModelConfig
+from pretrain.layers import RMSNorm, SDPAttention, rotary_frequencies
+
+
+def transformer_config(
+    cfg: ModelConfig,
+    *,
+    params_dtype: torch.dtype = torch.float32,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    sequence_parallel: bool = False,
+    recompute: str | None = None,
+) -> TransformerConfig:
+    """megatron-core's TransformerConfig for our model config.
+
+    Every CUDA-only fusion is switched off; weights are initialised on the CPU
+    from the full matrix and then split, so any tensor-parallel size starts from
+    the same weights as one process.
+    """
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.query_groups,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        kv_channels=cfg.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        perform_initialization=True,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        recompute_granularity=recompute,
+        recompute_method="uniform" if recompute == "full" else None,
+        recompute_num_layers=1 if recompute == "full" else None,
+    )
+
+
+def layer_spec() -> ModuleSpec:
+    """A pre-norm Llama layer: norm → attention → residual, norm → SwiGLU → residual."""
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=tensor_parallel.ColumnParallelLinear,
+                    core_attention=SDPAttention,
+                    linear_proj=tensor_parallel.RowParallelLinear,
+                    q_layernorm=IdentityOp,
+                    k_layernorm=IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=ModuleSpec(
+                module=MLP,
+                submodules=MLPSubmodules(
+                    linear_fc1=tensor_parallel.ColumnParallelLinear,
+                    linear_fc2=tensor_parallel.RowParallelLinear,
+                ),
+            ),
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+class LlamaModel(torch.nn.Module):
+    """Token ids [b, s] → per-token loss [b, s] (or logits when no labels)."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab_size: int):
+        super().__init__()
+        self.cfg = cfg
+        self.config = config
+        self.padded_vocab_size = padded_vocab_size
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab_size, cfg.hidden_size, init_method=config.init_method, config=config
+        )
+        self.decoder = TransformerBlock(
+            config,
+            TransformerBlockSubmodules(
+                layer_specs=[layer_spec()] * cfg.num_layers, layer_norm=RMSNorm
+            ),
+            pre_process=True,
+            post_process=True,
+        )
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size,
+            padded_vocab_size,
+            config=config,
+            init_method=config.init_method,
+            bias=False,
+            gather_output=False,
+            skip_weight_param_allocation=cfg.tie_embeddings,
+        )
+        # Recomputed on device rather than stored: the angles depend only on the shape.
+        self._rotary_cache: dict[tuple, torch.Tensor] = {}
+
+    def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
+        key = (seq_len, device)
+        if key not in self._rotary_cache:
+            self._rotary_cache[key] = rotary_frequencies(
+                seq_len, self.cfg.head_dim, self.cfg.rotary_base, device
+            )
+        return self._rotary_cache[key]
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # megatron layout [s, b, h]
+        if self.config.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        hidden = self.decoder(
+            hidden,
+            attention_mask=attention_mask,
+            rotary_pos_emb=self.rotary(tokens.shape[1], tokens.device),
+        )
+        weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, vocab / tp]
+        if labels is None:
+            return logits.transpose(0, 1)
+        # Cross entropy in fp32 over the vocabulary shards, without gathering them.
+        loss = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float(), labels.transpose(0, 1).contiguous()
+        )
+        return loss.transpose(0, 1)  # [b, s]
+
+
+def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
+    if loss_mask is None:
+        return per_token_loss.mean()
+    loss_mask = loss_mask.to(per_token_loss.dtype)
+    return (per_token_loss * loss_mask).sum() / loss_mask.sum().clamp(min=1)

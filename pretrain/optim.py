@@ -1,0 +1,68 @@
+"""AdamW with decoupled weight decay, and the learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pretrain.config import OptimConfig
+
+
+def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:
+    """Linear warm-up to `lr`, then cosine, linear or constant decay to `min_lr`.
+
+    `step` counts optimizer steps already taken; step 0 is the first update.
+    """
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return cfg.lr
+    decay_steps = max(1, total_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / decay_steps)
+    if cfg.schedule == "linear":
+        factor = 1.0 - progress
+    else:
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    return cfg.min_lr + (cfg.lr - cfg.min_lr) * factor
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Decay matrices only: norms, biases and embeddings are left undecayed."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if param.ndim < 2 or "embedding" in name:
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device):
+    # The fused CUDA kernel does the whole update in a few launches; on CPU the
+    # multi-tensor (foreach) path is the fastest torch offers.
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(
+        parameter_groups(model, cfg.weight_decay),
+        lr=cfg.lr,
+        betas=(cfg.beta1, cfg.beta2),
+        eps=cfg.eps,
+        fused=fused,
+        foreach=None if fused else True,
+    )
+
+
+def build_scheduler(cfg: OptimConfig, total_steps: int):
+    """A factory for DeepSpeed: it hands over the optimizer it ends up wrapping."""
+
+    def make(optimizer):
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: learning_rate(step, cfg, total_steps) / cfg.lr
+        )
+
+    return make

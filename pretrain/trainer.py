@@ -1,0 +1,247 @@
+"""The training loop and the set-up that feeds it.
+
+`Trainer.fit` is the whole loop: take a step, hand the metrics to the
+callbacks. Everything else here builds what the loop needs: process groups,
+data, model, DeepSpeed engine, and the state a checkpoint carries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# megatron-core warns at import that optional CUDA fusion libraries are absent;
+# we use none of them.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
+logging.getLogger("megatron").setLevel(logging.WARNING)
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from data_pipeline.dataset import DataParallelLoader, PackedSequenceDataset, fixed_batches
+from data_pipeline.indexed import open_shard
+from data_pipeline.prepare import prepare_data
+from parallel.engine import build_engine, clips_in_loop, precision_dtype, train_step
+from parallel.groups import Topology, init_process_groups, resolve_device
+from pretrain import checkpoint
+from pretrain.callbacks import (
+    Callback,
+    Checkpointing,
+    ConsoleProgress,
+    Evaluation,
+    MetricsFile,
+    WandbSink,
+    memory_bytes,
+)
+from pretrain.config import Config, ConfigError
+from pretrain.model import LlamaModel, transformer_config
+from pretrain.optim import build_optimizer, build_scheduler
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps completed
+    consumed_tokens: int = 0
+    valid_history: list = field(default_factory=list)  # (step, loss)
+    last_checkpoint_step: int = -1
+    train_seconds: float = 0.0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, topology: Topology):
+        self.cfg = cfg
+        self.topology = topology
+        self.device = topology.device
+        self.state = TrainState()
+        t = cfg.trainer
+        self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
+
+        # Data: rank 0 builds the tokenizer and shards; the others then find them cached.
+        if topology.rank == 0:
+            self.data = prepare_data(cfg.data, log=self.print)
+        dist.barrier()
+        if topology.rank != 0:
+            self.data = prepare_data(cfg.data, log=lambda *_: None)
+        vocab = self.data.tokenizer.vocab_size
+        padded_vocab = cfg.model.padded_vocab_size(cfg.model.vocab_size or vocab, topology.tensor)
+        if vocab > padded_vocab:
+            raise ConfigError(
+                f"model.vocab_size={cfg.model.vocab_size}: the tokenizer has {vocab} pieces"
+            )
+        dp_rank, dp_size = topology.dp_rank, topology.data
+        self.train_loader = DataParallelLoader(
+            PackedSequenceDataset(open_shard(self.data.train_prefix), cfg.data.seq_len, cfg.data.seed),
+            t.micro_batch_size, dp_rank, dp_size,
+        )
+        valid = PackedSequenceDataset(
+            open_shard(self.data.valid_prefix), cfg.data.seq_len, cfg.data.seed, shuffle=False
+        )
+        self.valid_batches = fixed_batches(valid, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
+
+        # Model and engine. The same seed on every rank: megatron-core initialises
+        # each full weight on the CPU and keeps this rank's shard.
+        seed_everything(t.seed)
+        dtype = precision_dtype(cfg.parallel.precision)
+        recompute = None if cfg.parallel.activation_checkpointing == "none" else cfg.parallel.activation_checkpointing
+        tconfig = transformer_config(
+            cfg.model, params_dtype=dtype, tensor_parallel=topology.tensor,
+            pipeline_parallel=topology.pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
+            recompute=recompute,
+        )
+        self.model = LlamaModel(cfg.model, tconfig, padded_vocab)
+        self.num_params = cfg.model.num_params(padded_vocab)
+        optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        self.engine = build_engine(
+            cfg, self.model, optimizer, build_scheduler(cfg.optim, t.train_steps), dp_size
+        )
+        self.loop_clip = cfg.optim.grad_clip if clips_in_loop(cfg) else 0.0
+        seed_everything(t.seed + topology.rank)  # per-rank streams from here on (dropout etc.)
+
+        self.callbacks: list[Callback] = [Evaluation(t.eval_interval), ConsoleProgress(t.log_interval),
+                                          Checkpointing(t.checkpoint_interval)]
+        self.sinks = []
+        if topology.is_logging_rank:
+            self.sinks.append(MetricsFile(t.run_dir))
+            if cfg.logger.kind == "wandb":
+                self.sinks.append(WandbSink(t.run_dir, cfg.logger.project, cfg.logger.name,
+                                            cfg.logger.mode, dataclasses.asdict(cfg)))
+        self.callbacks.extend(self.sinks)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def fit(self) -> TrainState:
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        while self.state.step < self.cfg.trainer.train_steps:
+            start = time.perf_counter()
+            loss, grad_norm = train_step(self.engine, self.train_loader, self.device, self.loop_clip)
+            loss = self.data_parallel_mean(loss)  # also waits for the step to finish
+            step_time = time.perf_counter() - start
+            self.state.step += 1
+            self.state.consumed_tokens += self.tokens_per_step
+            self.state.train_seconds += step_time
+            metrics = {
+                "step": self.state.step,
+                "loss": loss,
+                "lr": self.engine.get_lr()[0],
+                "grad_norm": grad_norm,
+                "step_time": step_time,
+                "tokens_per_s": self.tokens_per_step / step_time,
+                "consumed_tokens": self.state.consumed_tokens,
+                "memory_bytes": memory_bytes(self.device),
+            }
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"step {self.state.step}: loss is {loss}")
+            self.log(metrics)
+            for callback in self.callbacks:
+                callback.on_step_end(self, metrics)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+        return self.state
+
+    # --- what the callbacks use -------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        self.engine.eval()
+        total = torch.zeros((), device=self.device)
+        for batch in self.valid_batches:
+            per_token = self.engine(batch["tokens"].to(self.device), batch["labels"].to(self.device))
+            total += per_token.float().mean()
+        self.engine.train()
+        return self.data_parallel_mean(total / len(self.valid_batches))
+
+    def data_parallel_mean(self, value: torch.Tensor) -> float:
+        value = value.detach().float().clone()
+        if self.topology.data > 1:
+            dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+            value /= self.topology.data
+        return value.item()
+
+    def log(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink.log(record)
+
+    def print(self, *args) -> None:
+        if self.topology.is_logging_rank:
+            print(*args, flush=True)
+
+    def save_checkpoint(self) -> Path:
+        client_state = {
+            "trainer": dataclasses.asdict(self.state) | {"last_checkpoint_step": self.state.step},
+            "loader": self.train_loader.state_dict(),
+            "config": dataclasses.asdict(self.cfg),
+            "tokenizer_hash": self.data.tokenizer.hash,
+        }
+        path = checkpoint.save(self.engine, self.cfg.trainer.run_dir, self.state.step, client_state)
+        self.state.last_checkpoint_step = self.state.step
+        self.print(f"step {self.state.step:>6}  checkpoint saved to {path}")
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        client_state = checkpoint.load(self.engine, path)
+        saved_hash = client_state.get("tokenizer_hash")
+        if saved_hash and saved_hash != self.data.tokenizer.hash:
+            raise checkpoint.RunDirError(
+                f"{path}: written with tokenizer {saved_hash[:12]}, but the data uses "
+                f"{self.data.tokenizer.hash[:12]}"
+            )
+        self.state = TrainState(**client_state["trainer"])
+        self.train_loader.load_state_dict(client_state["loader"])
+        self.print(f"resumed from {path} at step {self.state.step}")
+
+    def summary(self) -> str:
+        s, t = self.state, self.cfg.trainer
+        (first_step, first), (last_step, last) = s.valid_history[0], s.valid_history[-1]
+        tokens_per_s = s.consumed_tokens / s.train_seconds if s.train_seconds else 0.0
+        return "\n".join([
+            "── summary " + "─" * 50,
+            f"model             {self.cfg.model.name}, {self.num_params / 1e6:.2f}M parameters",
+            f"steps             {s.step}",
+            f"tokens            {s.consumed_tokens:,}",
+            f"throughput        {tokens_per_s:,.0f} tokens/s",
+            f"validation loss   {first:.4f} (step {first_step}) → {last:.4f} (step {last_step}), "
+            f"ppl {math.exp(min(last, 50)):.2f}",
+            f"run directory     {t.run_dir}",
+            f"checkpoint        {checkpoint.latest_checkpoint(t.run_dir)}",
+            f"config            {Path(t.run_dir) / 'config.yaml'}",
+            f"metrics           {Path(t.run_dir) / 'metrics.jsonl'}",
+        ])
+
+
+def run(cfg: Config, resolved_yaml: str) -> TrainState:
+    """Everything `pretrain` does after the config is valid."""
+    device = resolve_device(cfg.trainer.device)
+    # Settle what can be known before any process group, data or model exists.
+    resume_from = checkpoint.resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume)
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device)
+    cfg.validate_world(topology.world_size)
+    trainer = Trainer(cfg, topology)
+    checkpoint.write_run_file(cfg.trainer.run_dir, "config.yaml", resolved_yaml.encode())
+    checkpoint.write_run_file(cfg.trainer.run_dir, "tokenizer.model", trainer.data.tokenizer.model_bytes)
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    state = trainer.fit()
+    trainer.print(trainer.summary())
+    if topology.is_logging_rank:
+        checkpoint.write_run_file(
+            cfg.trainer.run_dir, "summary.json",
+            json.dumps({"step": state.step, "tokens": state.consumed_tokens,
+                        "valid_history": state.valid_history}).encode(),
+        )
+    return state
