@@ -51,10 +51,13 @@ def check_overrides(overrides: list[str]) -> None:
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(raw: DictConfig) -> None:
+    from data_pipeline.corpus import CorpusError, source_files
+
     try:
         cfg = to_config(raw)
         cfg.validate_world(int(os.environ.get("WORLD_SIZE", 1)))
-    except ConfigError as err:
+        source_files(cfg.data.sources)  # a missing corpus fails before the heavy imports
+    except (ConfigError, CorpusError) as err:
         fail(str(err))
     from pretrain.trainer import run  # heavy imports only once the config is known to be good
 
@@ -64,7 +67,6 @@ def hydra_main(raw: DictConfig) -> None:
         fail(str(err))
     except Exception as err:
         # Bad-input errors from the data and checkpoint layers name their file.
-        from data_pipeline.corpus import CorpusError
         from data_pipeline.indexed import ShardError
         from pretrain.checkpoint import RunDirError
 

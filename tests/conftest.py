@@ -1,0 +1,51 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def single_process_groups():
+    """megatron-core's parallel_state for a world of one (gloo, CPU), shared by a test session."""
+    import torch
+
+    from parallel.groups import destroy_process_groups, init_process_groups
+
+    topology = init_process_groups(1, 1, torch.device("cpu"))
+    yield topology
+    destroy_process_groups()
+
+
+def run_pretrain(*overrides: str, cwd: Path, timeout: int = 600, env: dict | None = None):
+    """Runs the `pretrain` console entry point in a fresh process."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        full_env.pop(key, None)
+    return subprocess.run(
+        [sys.executable, "-m", "pretrain.main", *overrides],
+        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+# Small enough that a run takes seconds: a 1 MB slice of the standard library,
+# a 512-piece tokenizer, two layers of width 64.
+TINY = (
+    "data.max_corpus_bytes=1000000",
+    "data.tokenizer.vocab_size=512",
+    "data.tokenizer.sample_bytes=500000",
+    "data.seq_len=64",
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.ffn_hidden_size=128",
+    "trainer.micro_batch_size=8",
+    "trainer.global_batch_size=8",
+    "trainer.eval_batches=2",
+    "trainer.log_interval=5",
+    "optim.warmup_steps=5",
+)

@@ -1,0 +1,92 @@
+import math
+
+import pytest
+import torch
+
+from pretrain.config import ModelConfig
+from pretrain.layers import SDPAttention, rotary_frequencies
+from pretrain.model import LlamaModel, transformer_config
+
+VOCAB = 256
+
+
+def tiny_model(**overrides) -> LlamaModel:
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=128, max_seq_len=64, **overrides)
+    torch.manual_seed(0)
+    return LlamaModel(cfg, transformer_config(cfg), cfg.padded_vocab_size(VOCAB))
+
+
+def test_forward_backward_shapes_and_initial_loss(single_process_groups):
+    model = tiny_model()
+    tokens = torch.randint(0, VOCAB, (3, 32))
+    logits = model(tokens)
+    assert logits.shape == (3, 32, 256)
+
+    per_token = model(tokens, labels=torch.roll(tokens, -1, dims=1))
+    assert per_token.shape == (3, 32)
+    loss = per_token.mean()
+    # Small initial weights give near-uniform predictions over the padded vocabulary.
+    assert abs(loss.item() - math.log(256)) < 0.1
+    loss.backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, name
+
+
+def test_parameter_count_matches_formula(single_process_groups):
+    for tied in (False, True):
+        model = tiny_model(tie_embeddings=tied)
+        counted = sum(p.numel() for p in model.parameters())
+        assert counted == model.cfg.num_params(256)
+
+
+def test_tied_embeddings_share_the_output_weight(single_process_groups):
+    model = tiny_model(tie_embeddings=True)
+    assert model.output_layer.weight is None
+    tokens = torch.randint(0, VOCAB, (2, 16))
+    model(tokens, labels=tokens).mean().backward()
+    assert model.embedding.weight.grad is not None
+
+
+def test_causal_attention_ignores_future_tokens(single_process_groups):
+    model = tiny_model().eval()
+    tokens = torch.randint(0, VOCAB, (1, 24))
+    changed = tokens.clone()
+    changed[0, 12:] = (changed[0, 12:] + 1) % VOCAB
+    with torch.no_grad():
+        a, b = model(tokens), model(changed)
+    torch.testing.assert_close(a[:, :12], b[:, :12])
+    assert not torch.allclose(a[:, 12:], b[:, 12:])
+
+
+def test_sdpa_attention_matches_explicit_grouped_attention():
+    torch.manual_seed(0)
+    seq, batch, heads, groups, dim = 10, 2, 4, 2, 8
+    q = torch.randn(seq, batch, heads, dim)
+    k = torch.randn(seq, batch, groups, dim)
+    v = torch.randn(seq, batch, groups, dim)
+    cfg = transformer_config(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
+                                         num_query_groups=2, ffn_hidden_size=64))
+    out = SDPAttention(cfg, 1, None, "self")(q, k, v, None)
+
+    k_full = k.repeat_interleave(heads // groups, dim=2)
+    v_full = v.repeat_interleave(heads // groups, dim=2)
+    scores = torch.einsum("sbhd,tbhd->bhst", q, k_full) / math.sqrt(dim)
+    scores = scores.masked_fill(torch.ones(seq, seq).triu(1).bool(), float("-inf"))
+    expected = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v_full).reshape(seq, batch, -1)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_rotary_frequencies_layout():
+    freqs = rotary_frequencies(5, 8, 10000.0)
+    assert freqs.shape == (5, 1, 1, 8)
+    assert torch.equal(freqs[0], torch.zeros(1, 1, 8))
+    # Both halves carry the same angles; the first channel turns one radian per position.
+    torch.testing.assert_close(freqs[..., :4], freqs[..., 4:])
+    torch.testing.assert_close(freqs[:, 0, 0, 0], torch.arange(5.0))
+
+
+@pytest.mark.parametrize("vocab,tp,expected", [(500, 1, 512), (512, 1, 512), (513, 2, 768)])
+def test_padded_vocab_size(vocab, tp, expected):
+    assert ModelConfig().padded_vocab_size(vocab, tp) == expected
