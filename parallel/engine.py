@@ -6,7 +6,8 @@ from typing import Iterator
 
 import deepspeed
 import torch
-
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from parallel.groups import MegatronMPU
@@ -23,9 +24,11 @@ def clips_in_loop(cfg: Config) -> bool:
     DeepSpeed's mixed-precision and ZeRO optimizers report the gradient norm
     they clip by; with plain fp32 and no ZeRO it clips without recording the
     norm, so there we clip (with DeepSpeed's model-parallel aware function)
-    and keep the norm for logging.
+    and keep the norm for logging. The pipeline engine runs its whole step
+    itself, so there DeepSpeed clips.
     """
-    return cfg.parallel.precision == "fp32" and cfg.parallel.zero_stage == 0
+    p = cfg.parallel
+    return p.precision == "fp32" and p.zero_stage == 0 and p.pipeline == 1
 
 
 def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
@@ -59,10 +62,16 @@ def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel
         optimizer=optimizer,
         lr_scheduler=scheduler_factory,
         config=deepspeed_config(cfg, data_parallel),
-        mpu=MegatronMPU,
+        # The pipeline module brings its own grid of groups (same rank order).
+        mpu=None if isinstance(model, PipelineModule) else MegatronMPU,
         dist_init_required=False,
     )
     return engine
+
+
+def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (batch["tokens"].to(device, non_blocking=True),
+            batch["labels"].to(device, non_blocking=True))
 
 
 def train_step(
@@ -74,14 +83,18 @@ def train_step(
     clips here (see `clips_in_loop`); otherwise DeepSpeed clips.
     """
     steps = engine.gradient_accumulation_steps()
+    if isinstance(engine, PipelineEngine):
+        # Every stage draws the step's micro-batches, so all ranks' loaders
+        # stay in step; only the first and last stage use them.
+        micro_batches = [_to_device(next(batches), device) for _ in range(steps)]
+        loss = engine.train_batch(data_iter=iter(micro_batches))
+        grad_norm = engine.get_global_grad_norm()
+        return loss.detach(), float(grad_norm if grad_norm is not None else float("nan"))
+
     total = torch.zeros((), device=device)
     grad_norm = None
     for _ in range(steps):
-        batch = next(batches)
-        per_token = engine(
-            batch["tokens"].to(device, non_blocking=True),
-            batch["labels"].to(device, non_blocking=True),
-        )
+        per_token = engine(*_to_device(next(batches), device))
         loss = per_token.mean()
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if clip > 0 and engine.is_gradient_accumulation_boundary():
@@ -91,3 +104,17 @@ def train_step(
     if grad_norm is None:
         grad_norm = engine.get_global_grad_norm()
     return total / steps, float(grad_norm if grad_norm is not None else float("nan"))
+
+
+@torch.no_grad()
+def eval_loss(engine, batches: list[dict], device: torch.device) -> torch.Tensor:
+    """Mean loss over `batches` (this rank's share), without updating anything."""
+    if isinstance(engine, PipelineEngine):
+        micro_batches = [_to_device(b, device) for b in batches]
+        return engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
+    engine.eval()
+    total = torch.zeros((), device=device)
+    for batch in batches:
+        total += engine(*_to_device(batch, device)).float().mean()
+    engine.train()
+    return total / len(batches)

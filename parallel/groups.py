@@ -78,6 +78,11 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Top
             timeout=timedelta(minutes=int(os.environ.get("PRETRAIN_DIST_TIMEOUT_MIN", 30))),
         )
     world_size = dist.get_world_size()
+    if parallel_state.model_parallel_is_initialized() and (
+        parallel_state.get_tensor_model_parallel_world_size() != tensor
+        or parallel_state.get_pipeline_model_parallel_world_size() != pipeline
+    ):
+        parallel_state.destroy_model_parallel()  # a new layout in the same world
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor,

@@ -113,6 +113,8 @@ class ParallelConfig:
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     sequence_parallel: bool = False
+    # How pipeline stages are cut: equal numbers of transformer layers, or of parameters.
+    pipeline_partition: Literal["uniform", "parameters"] = "uniform"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
 
     def __post_init__(self) -> None:
@@ -169,10 +171,17 @@ class TrainerConfig:
 
 @dataclass
 class LoggerConfig:
+    # Where metrics go besides the console and metrics.jsonl (always written).
     kind: Literal["console", "wandb", "tensorboard"] = "console"
-    project: str = "pretrain"
-    name: str | None = None
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "pretrain"  # W&B project
+    name: str | None = None  # W&B run name
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # W&B; auto: online with a key
+    # Peak FLOP/s of one device for MFU; None: looked up for known GPUs, else MFU is not reported.
+    peak_flops: float | None = None
+
+    def __post_init__(self) -> None:
+        _require(self.peak_flops is None or self.peak_flops > 0,
+                 f"logger.peak_flops={self.peak_flops}: expected > 0 or null")
 
 
 @dataclass

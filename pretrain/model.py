@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
@@ -25,6 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from pretrain.config import ModelConfig
+from pretrain.init import initialize
 from pretrain.layers import RMSNorm, SDPAttention, rotary_frequencies
 
 
@@ -39,9 +40,8 @@ def transformer_config(
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for our model config.
 
-    Every CUDA-only fusion is switched off; weights are initialised on the CPU
-    from the full matrix and then split, so any tensor-parallel size starts from
-    the same weights as one process.
+    Every CUDA-only fusion is switched off. megatron-core's own initialisation
+    is skipped: `pretrain.init` draws the weights, the same for every layout.
     """
     return TransformerConfig(
         num_layers=cfg.num_layers,
@@ -66,7 +66,7 @@ def transformer_config(
         pipeline_model_parallel_size=pipeline_parallel,
         sequence_parallel=sequence_parallel,
         use_cpu_initialization=True,
-        perform_initialization=True,
+        perform_initialization=False,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
@@ -113,7 +113,9 @@ def layer_spec() -> ModuleSpec:
 class LlamaModel(torch.nn.Module):
     """Token ids [b, s] → per-token loss [b, s] (or logits when no labels)."""
 
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab_size: int):
+    def __init__(
+        self, cfg: ModelConfig, config: TransformerConfig, padded_vocab_size: int, seed: int = 0
+    ):
         super().__init__()
         self.cfg = cfg
         self.config = config
@@ -140,6 +142,14 @@ class LlamaModel(torch.nn.Module):
         )
         # Recomputed on device rather than stored: the angles depend only on the shape.
         self._rotary_cache: dict[tuple, torch.Tensor] = {}
+        initialize(
+            self.named_parameters(),
+            seed=seed,
+            std=cfg.init_std,
+            num_layers=cfg.num_layers,
+            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+        )
 
     def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
         key = (seq_len, device)

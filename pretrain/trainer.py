@@ -30,7 +30,11 @@ from megatron.core import parallel_state
 from data_pipeline.dataset import DataParallelLoader, PackedSequenceDataset, fixed_batches
 from data_pipeline.indexed import open_shard
 from data_pipeline.prepare import prepare_data
-from parallel.engine import build_engine, clips_in_loop, precision_dtype, train_step
+from data_pipeline.tokenizer import Tokenizer
+from parallel.engine import build_engine, clips_in_loop, eval_loss, precision_dtype, train_step
+from parallel.pipeline import build_pipeline
+from parallel.rng import seed_model_parallel_rng
+from parallel.tensor import reduce_sequence_parallel_grads
 from parallel.groups import Topology, init_process_groups, resolve_device
 from pretrain import checkpoint
 from pretrain.callbacks import (
@@ -38,11 +42,12 @@ from pretrain.callbacks import (
     Checkpointing,
     ConsoleProgress,
     Evaluation,
-    MetricsFile,
-    WandbSink,
+    build_sinks,
+    loss_scale,
     memory_bytes,
 )
 from pretrain.config import Config, ConfigError
+from pretrain.flops import FlopsMeter
 from pretrain.model import LlamaModel, transformer_config
 from pretrain.optim import build_optimizer, build_scheduler
 
@@ -62,8 +67,32 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+@dataclass
+class TrainingData:
+    train: PackedSequenceDataset
+    valid: PackedSequenceDataset
+    vocab_size: int
+    tokenizer: Tokenizer | None = None
+
+
+def load_training_data(cfg: Config, topology: Topology, log=print) -> TrainingData:
+    """Rank 0 builds the tokenizer and shards; the other ranks then find them cached."""
+    if topology.rank == 0:
+        prepared = prepare_data(cfg.data, log=log)
+    dist.barrier()
+    if topology.rank != 0:
+        prepared = prepare_data(cfg.data, log=lambda *_: None)
+    d = cfg.data
+    return TrainingData(
+        train=PackedSequenceDataset(open_shard(prepared.train_prefix), d.seq_len, d.seed),
+        valid=PackedSequenceDataset(open_shard(prepared.valid_prefix), d.seq_len, d.seed, shuffle=False),
+        vocab_size=prepared.tokenizer.vocab_size,
+        tokenizer=prepared.tokenizer,
+    )
+
+
 class Trainer:
-    def __init__(self, cfg: Config, topology: Topology):
+    def __init__(self, cfg: Config, topology: Topology, data: TrainingData):
         self.cfg = cfg
         self.topology = topology
         self.device = topology.device
@@ -71,31 +100,19 @@ class Trainer:
         t = cfg.trainer
         self.tokens_per_step = t.global_batch_size * cfg.data.seq_len
 
-        # Data: rank 0 builds the tokenizer and shards; the others then find them cached.
-        if topology.rank == 0:
-            self.data = prepare_data(cfg.data, log=self.print)
-        dist.barrier()
-        if topology.rank != 0:
-            self.data = prepare_data(cfg.data, log=lambda *_: None)
-        vocab = self.data.tokenizer.vocab_size
-        padded_vocab = cfg.model.padded_vocab_size(cfg.model.vocab_size or vocab, topology.tensor)
-        if vocab > padded_vocab:
+        self.data = data
+        padded_vocab = cfg.model.padded_vocab_size(cfg.model.vocab_size or data.vocab_size, topology.tensor)
+        if data.vocab_size > padded_vocab:
             raise ConfigError(
-                f"model.vocab_size={cfg.model.vocab_size}: the tokenizer has {vocab} pieces"
+                f"model.vocab_size={cfg.model.vocab_size}: the tokenizer has {data.vocab_size} pieces"
             )
         dp_rank, dp_size = topology.dp_rank, topology.data
-        self.train_loader = DataParallelLoader(
-            PackedSequenceDataset(open_shard(self.data.train_prefix), cfg.data.seq_len, cfg.data.seed),
-            t.micro_batch_size, dp_rank, dp_size,
-        )
-        valid = PackedSequenceDataset(
-            open_shard(self.data.valid_prefix), cfg.data.seq_len, cfg.data.seed, shuffle=False
-        )
-        self.valid_batches = fixed_batches(valid, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
+        self.train_loader = DataParallelLoader(data.train, t.micro_batch_size, dp_rank, dp_size)
+        self.valid_batches = fixed_batches(data.valid, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
 
-        # Model and engine. The same seed on every rank: megatron-core initialises
-        # each full weight on the CPU and keeps this rank's shard.
+        # Model and engine. Weights depend on the seed alone, not on the layout.
         seed_everything(t.seed)
+        seed_model_parallel_rng(t.seed, self.device)
         dtype = precision_dtype(cfg.parallel.precision)
         recompute = None if cfg.parallel.activation_checkpointing == "none" else cfg.parallel.activation_checkpointing
         tconfig = transformer_config(
@@ -103,8 +120,16 @@ class Trainer:
             pipeline_parallel=topology.pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
             recompute=recompute,
         )
-        self.model = LlamaModel(cfg.model, tconfig, padded_vocab)
+        if topology.pipeline > 1:
+            self.model = build_pipeline(
+                cfg.model, tconfig, padded_vocab, t.seed, topology.pipeline, topology.tensor, dp_size,
+                cfg.parallel.pipeline_partition,
+            )
+        else:
+            self.model = LlamaModel(cfg.model, tconfig, padded_vocab, seed=t.seed)
         self.num_params = cfg.model.num_params(padded_vocab)
+        if cfg.parallel.sequence_parallel:
+            reduce_sequence_parallel_grads(self.model)
         optimizer = build_optimizer(self.model, cfg.optim, self.device)
         self.engine = build_engine(
             cfg, self.model, optimizer, build_scheduler(cfg.optim, t.train_steps), dp_size
@@ -114,13 +139,10 @@ class Trainer:
 
         self.callbacks: list[Callback] = [Evaluation(t.eval_interval), ConsoleProgress(t.log_interval),
                                           Checkpointing(t.checkpoint_interval)]
-        self.sinks = []
-        if topology.is_logging_rank:
-            self.sinks.append(MetricsFile(t.run_dir))
-            if cfg.logger.kind == "wandb":
-                self.sinks.append(WandbSink(t.run_dir, cfg.logger.project, cfg.logger.name,
-                                            cfg.logger.mode, dataclasses.asdict(cfg)))
+        self.sinks = build_sinks(cfg) if topology.is_logging_rank else []
         self.callbacks.extend(self.sinks)
+        self.flops = FlopsMeter(cfg.model, cfg.data.seq_len, padded_vocab, self.device,
+                                cfg.parallel.precision, topology.world_size, cfg.logger.peak_flops)
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -142,6 +164,8 @@ class Trainer:
                 "grad_norm": grad_norm,
                 "step_time": step_time,
                 "tokens_per_s": self.tokens_per_step / step_time,
+                **self.flops(self.tokens_per_step, step_time),  # tflops, mfu
+                **loss_scale(self.engine),
                 "consumed_tokens": self.state.consumed_tokens,
                 "memory_bytes": memory_bytes(self.device),
             }
@@ -156,15 +180,8 @@ class Trainer:
 
     # --- what the callbacks use -------------------------------------------------------------
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        self.engine.eval()
-        total = torch.zeros((), device=self.device)
-        for batch in self.valid_batches:
-            per_token = self.engine(batch["tokens"].to(self.device), batch["labels"].to(self.device))
-            total += per_token.float().mean()
-        self.engine.train()
-        return self.data_parallel_mean(total / len(self.valid_batches))
+        return self.data_parallel_mean(eval_loss(self.engine, self.valid_batches, self.device))
 
     def data_parallel_mean(self, value: torch.Tensor) -> float:
         value = value.detach().float().clone()
@@ -186,17 +203,18 @@ class Trainer:
             "trainer": dataclasses.asdict(self.state) | {"last_checkpoint_step": self.state.step},
             "loader": self.train_loader.state_dict(),
             "config": dataclasses.asdict(self.cfg),
-            "tokenizer_hash": self.data.tokenizer.hash,
+            "tokenizer_hash": self.data.tokenizer.hash if self.data.tokenizer else None,
         }
         path = checkpoint.save(self.engine, self.cfg.trainer.run_dir, self.state.step, client_state)
         self.state.last_checkpoint_step = self.state.step
         self.print(f"step {self.state.step:>6}  checkpoint saved to {path}")
+        self.log({"step": self.state.step, "checkpoint/step": self.state.step, "checkpoint/path": str(path)})
         return path
 
     def load_checkpoint(self, path: Path) -> None:
         client_state = checkpoint.load(self.engine, path)
         saved_hash = client_state.get("tokenizer_hash")
-        if saved_hash and saved_hash != self.data.tokenizer.hash:
+        if saved_hash and self.data.tokenizer and saved_hash != self.data.tokenizer.hash:
             raise checkpoint.RunDirError(
                 f"{path}: written with tokenizer {saved_hash[:12]}, but the data uses "
                 f"{self.data.tokenizer.hash[:12]}"
@@ -231,7 +249,8 @@ def run(cfg: Config, resolved_yaml: str) -> TrainState:
     resume_from = checkpoint.resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume)
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device)
     cfg.validate_world(topology.world_size)
-    trainer = Trainer(cfg, topology)
+    log = print if topology.is_logging_rank else (lambda *_: None)
+    trainer = Trainer(cfg, topology, load_training_data(cfg, topology, log))
     checkpoint.write_run_file(cfg.trainer.run_dir, "config.yaml", resolved_yaml.encode())
     checkpoint.write_run_file(cfg.trainer.run_dir, "tokenizer.model", trainer.data.tokenizer.model_bytes)
     if resume_from is not None:

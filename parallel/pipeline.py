@@ -1,0 +1,111 @@
+"""The model as a DeepSpeed pipeline: embedding, transformer layers, head.
+
+megatron-core's own pipeline schedules assume CUDA, so pipeline parallelism
+runs through DeepSpeed's `PipelineModule` and its 1F1B engine. Each stage is
+built from the same megatron-core pieces as `pretrain.model.LlamaModel`, and
+initialised under the single-process parameter names, so any partition
+starts from the same weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from pretrain.config import ModelConfig
+from pretrain.init import initialize
+from pretrain.layers import RMSNorm, rotary_frequencies
+from pretrain.model import layer_spec
+
+
+def _init(named, cfg: ModelConfig, seed: int) -> None:
+    initialize(
+        named, seed=seed, std=cfg.init_std, num_layers=cfg.num_layers,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+    )
+
+
+class EmbeddingStage(torch.nn.Module):
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int):
+        super().__init__()
+        self.sequence_parallel = config.sequence_parallel
+        self.embedding = tensor_parallel.VocabParallelEmbedding(
+            padded_vocab, cfg.hidden_size, init_method=config.init_method, config=config
+        )
+        _init([("embedding.weight", self.embedding.weight)], cfg, seed)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
+        if self.sequence_parallel:
+            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+        return hidden
+
+
+class TransformerLayerStage(torch.nn.Module):
+    """One megatron-core `TransformerLayer` taking and returning the hidden states."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, index: int, seed: int):
+        super().__init__()
+        self.cfg = cfg
+        self.layer = build_module(layer_spec(), config=config, layer_number=index + 1)
+        _init([(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()], cfg, seed)
+        self._rotary: dict[tuple, torch.Tensor] = {}
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        seq = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
+                                 if self.layer.config.sequence_parallel else 1)
+        key = (seq, hidden.device)
+        if key not in self._rotary:
+            self._rotary[key] = rotary_frequencies(seq, self.cfg.head_dim, self.cfg.rotary_base, hidden.device)
+        output, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=self._rotary[key])
+        return output
+
+
+class HeadStage(torch.nn.Module):
+    """Final norm and the vocabulary-parallel output layer; returns logit shards [s, b, v/tp]."""
+
+    def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int):
+        super().__init__()
+        self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.norm_eps)
+        self.output_layer = tensor_parallel.ColumnParallelLinear(
+            cfg.hidden_size, padded_vocab, config=config, init_method=config.init_method,
+            bias=False, gather_output=False,
+        )
+        _init([("decoder.final_layernorm.weight", self.final_layernorm.weight),
+               ("output_layer.weight", self.output_layer.weight)], cfg, seed)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits, _ = self.output_layer(self.final_layernorm(hidden))
+        return logits
+
+
+def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    per_token = tensor_parallel.vocab_parallel_cross_entropy(
+        logits.float(), labels.transpose(0, 1).contiguous()
+    )
+    return per_token.mean()
+
+
+def build_pipeline(
+    cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int,
+    stages: int, tensor: int, data: int, partition: str = "uniform",
+) -> PipelineModule:
+    if cfg.tie_embeddings:
+        raise NotImplementedError(
+            "model.tie_embeddings=true with parallel.pipeline > 1 is not supported yet"
+        )
+    specs = [LayerSpec(EmbeddingStage, cfg, config, padded_vocab, seed)]
+    specs += [LayerSpec(TransformerLayerStage, cfg, config, i, seed) for i in range(cfg.num_layers)]
+    specs.append(LayerSpec(HeadStage, cfg, config, padded_vocab, seed))
+    return PipelineModule(
+        layers=specs,
+        topology=PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data),
+        loss_fn=vocab_parallel_loss,
+        # "uniform" balances transformer layers; "parameters" balances parameter counts.
+        partition_method="type:TransformerLayerStage" if partition == "uniform" else "parameters",
+    )

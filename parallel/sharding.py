@@ -1,0 +1,63 @@
+"""How each full weight of the model is split over tensor-parallel ranks.
+
+One table of rules serves three jobs: initialising any layout with the same
+weights as one process, resharding checkpoints between layouts, and gathering
+a consolidated model for export.
+
+Parameter names are the single-process `LlamaModel`'s (`decoder.layers.3.mlp.
+linear_fc1.weight`); pipeline stages translate their local names to these.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Row split (dim 0): column-parallel outputs and the vocabulary-parallel embedding.
+_DIM0 = ("embedding.weight", "output_layer.weight", "self_attention.linear_qkv.weight")
+# Column split (dim 1): row-parallel inputs.
+_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+# SwiGLU's fc1 holds [gate; up]; each rank holds its slice of both halves, in
+# that order, because the layer splits its local output into two halves.
+_GATED = ("mlp.linear_fc1.weight",)
+
+
+def split_rule(name: str) -> str:
+    """'dim0', 'dim1', 'gated' or 'replicated' for a canonical parameter name."""
+    if name.endswith(_GATED):
+        return "gated"
+    if name.endswith(_DIM0):
+        return "dim0"
+    if name.endswith(_DIM1):
+        return "dim1"
+    return "replicated"
+
+
+def shard(name: str, full: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """This rank's piece of a full weight."""
+    rule = split_rule(name)
+    if size == 1 or rule == "replicated":
+        return full
+    if rule == "gated":
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat((gate.chunk(size, dim=0)[rank], up.chunk(size, dim=0)[rank]), dim=0)
+    return full.chunk(size, dim=0 if rule == "dim0" else 1)[rank]
+
+
+def gather(name: str, shards: list[torch.Tensor]) -> torch.Tensor:
+    """The full weight from every rank's piece, in rank order (inverse of `shard`)."""
+    rule = split_rule(name)
+    if len(shards) == 1 or rule == "replicated":
+        return shards[0]
+    if rule == "gated":
+        halves = [s.chunk(2, dim=0) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(shards, dim=0 if rule == "dim0" else 1)
+
+
+def full_shape(name: str, local_shape: torch.Size, size: int) -> torch.Size:
+    rule = split_rule(name)
+    if size == 1 or rule == "replicated":
+        return local_shape
+    shape = list(local_shape)
+    shape[1 if rule == "dim1" else 0] *= size
+    return torch.Size(shape)

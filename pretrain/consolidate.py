@@ -1,0 +1,185 @@
+"""One process's view of a checkpoint written under any parallel layout.
+
+DeepSpeed writes one model file per tensor-parallel rank
+(`mp_rank_XX_model_states.pt`, the weights under "module"), or, under
+pipeline parallelism, one file per pipeline layer and tensor-parallel rank
+(`layer_XX-model_YY-model_states.pt`). `load_checkpoint` turns either into
+the single-process `LlamaModel` state dict, so evaluation, generation and
+export run in one process whatever layout trained the model.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from data_pipeline.tokenizer import Tokenizer
+from parallel import sharding
+from pretrain.config import ConfigError, ModelConfig, from_dict
+
+MODEL_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
+LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing or unusable; the message names the path."""
+
+
+@dataclass
+class Checkpoint:
+    path: Path  # the checkpoint directory (checkpoints/step_NNNNNNN)
+    run_dir: Path | None  # the run directory holding it, when laid out as `pretrain` writes
+    step: int | None
+    model: ModelConfig
+    train_config: dict  # the whole training config as saved with the checkpoint
+    state_dict: dict[str, torch.Tensor]  # single-process names and full shapes
+    tokenizer_hash: str | None
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return self.state_dict["embedding.weight"].shape[0]
+
+
+def consolidate(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Full weights from tensor-parallel state dicts given in rank order.
+
+    Column-parallel weights (q/k/v, fc1, output layer) and the vocabulary-
+    parallel embedding are concatenated along dim 0, row-parallel ones
+    (attention output, fc2) along dim 1. The fused q/k/v weight needs nothing
+    more: megatron-core lays it out per query group ([q heads, k, v] for each
+    group) and every rank holds whole groups. SwiGLU's fc1 does: each rank
+    holds [its gate rows; its up rows], so the gates are gathered first, then
+    the ups. Norm weights are replicated and taken from rank 0.
+    """
+    full = {}
+    for name, value in shards[0].items():
+        if isinstance(value, torch.Tensor):
+            full[name] = sharding.gather(name, [shard[name] for shard in shards])
+        else:  # megatron-core's `_extra_state` entries
+            full[name] = value
+    return full
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, given it or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such run or checkpoint directory")
+    if (path / "mp_rank_00_model_states.pt").is_file():
+        return path
+    latest = path / "checkpoints" / "latest"
+    if latest.is_file():
+        checkpoint = path / "checkpoints" / latest.read_text().strip()
+        if (checkpoint / "mp_rank_00_model_states.pt").is_file():
+            return checkpoint
+        raise CheckpointError(f"{latest}: names {checkpoint.name}, which holds no model states")
+    raise CheckpointError(
+        f"{path}: neither a checkpoint directory (no mp_rank_00_model_states.pt) "
+        "nor a run directory (no checkpoints/latest)"
+    )
+
+
+def _load(file: Path) -> dict:
+    try:
+        # mmap: optimizer states in the same file are never read into memory.
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({err or type(err).__name__})") from None
+
+
+def _tensor_parallel_shards(directory: Path, first: dict) -> list[dict]:
+    files = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := MODEL_FILE.fullmatch(p.name)))
+    if [rank for rank, _ in files] != list(range(len(files))):
+        raise CheckpointError(f"{directory}: model files of tensor-parallel ranks {[r for r, _ in files]}; "
+                              "expected 0..N-1")
+    return [first["module"]] + [_load(p)["module"] for _, p in files[1:]]
+
+
+def _pipeline_shards(directory: Path, num_layers: int) -> list[dict]:
+    """Per tensor-parallel rank, the pipeline layers' weights under single-process names.
+
+    Pipeline layer 0 is the embedding, 1..num_layers the transformer layers
+    (their weights under `layer.`), and the last the final norm and output layer.
+    """
+    shards: dict[int, dict] = {}
+    for p in sorted(directory.iterdir()):
+        if not (m := LAYER_FILE.fullmatch(p.name)):
+            continue
+        index, tp_rank = int(m.group(1)), int(m.group(2))
+        shard = shards.setdefault(tp_rank, {})
+        for name, value in _load(p).items():
+            if 1 <= index <= num_layers:
+                name = f"decoder.layers.{index - 1}.{name.removeprefix('layer.')}"
+            elif name.startswith("final_layernorm"):
+                name = f"decoder.{name}"
+            shard[name] = value
+    if not shards:
+        raise CheckpointError(f"{directory}: no model weights (neither 'module' nor layer_XX files)")
+    if sorted(shards) != list(range(len(shards))):
+        raise CheckpointError(f"{directory}: layer files of tensor-parallel ranks {sorted(shards)}; "
+                              "expected 0..N-1")
+    return [shards[rank] for rank in range(len(shards))]
+
+
+def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
+    """The single-process model weights and training config of a checkpoint or run directory."""
+    directory = find_checkpoint(path)
+    first = _load(directory / "mp_rank_00_model_states.pt")
+    config = first.get("config")
+    if not isinstance(config, dict) or "model" not in config:
+        raise CheckpointError(f"{directory}/mp_rank_00_model_states.pt: no training config saved with it")
+    try:
+        model = from_dict(ModelConfig, config["model"], "model.")
+    except ConfigError as err:
+        raise CheckpointError(f"{directory}: saved config: {err}") from None
+
+    if first.get("module") is not None:
+        shards = _tensor_parallel_shards(directory, first)
+    else:
+        shards = _pipeline_shards(directory, model.num_layers)
+    if any(isinstance(v, torch.Tensor) and v.numel() == 0 for shard in shards for v in shard.values()):
+        raise CheckpointError(
+            f"{directory}: the model weights are empty placeholders (ZeRO stage 3 keeps them in the "
+            "optimizer partitions); consolidate them with DeepSpeed's zero_to_fp32.py first"
+        )
+    state_dict = consolidate(shards)
+    if dtype is not None:
+        state_dict = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+
+    run_dir = directory.parent.parent if directory.parent.name == "checkpoints" else None
+    trainer_state = first.get("trainer") or {}
+    return Checkpoint(
+        path=directory,
+        run_dir=run_dir,
+        step=trainer_state.get("step"),
+        model=model,
+        train_config=config,
+        state_dict=state_dict,
+        tokenizer_hash=first.get("tokenizer_hash"),
+    )
+
+
+def load_tokenizer(checkpoint: Checkpoint, override: str | None = None) -> Tokenizer:
+    """The run's SentencePiece model (saved in the run directory), or `override`.
+
+    Refuses a tokenizer other than the one the checkpoint was trained with:
+    its ids would mean different pieces.
+    """
+    if override:
+        path = Path(override)
+    elif checkpoint.run_dir is not None:
+        path = checkpoint.run_dir / "tokenizer.model"
+    else:
+        raise CheckpointError(f"{checkpoint.path}: not inside a run directory; pass --tokenizer")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: tokenizer model not found")
+    tokenizer = Tokenizer(path)
+    if checkpoint.tokenizer_hash and tokenizer.hash != checkpoint.tokenizer_hash:
+        raise CheckpointError(
+            f"{path}: tokenizer {tokenizer.hash[:12]}, but {checkpoint.path} was trained with "
+            f"{checkpoint.tokenizer_hash[:12]}"
+        )
+    return tokenizer

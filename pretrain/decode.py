@@ -1,0 +1,144 @@
+"""The trained model's forward pass in plain torch, with a key/value cache.
+
+megatron-core's inference path (KV cache, dynamic batching) expects CUDA.
+Generation needs much less: one sequence at a time, a cache of past keys and
+values, any device. `Decoder` reads the single-process `LlamaModel` weights
+(see `pretrain.consolidate`) and computes the same logits as
+`LlamaModel.forward`; the tests hold the two to 1e-5 in fp32. It imports
+neither megatron-core nor DeepSpeed, so generation starts quickly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from pretrain.config import ModelConfig
+
+
+@dataclass
+class KVCache:
+    """Rotated keys and values of the positions processed so far, per layer: [b, groups, max_len, d]."""
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    length: int = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.keys[0].shape[2]
+
+
+class Decoder:
+    def __init__(self, cfg: ModelConfig, state_dict: dict[str, torch.Tensor],
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        self.cfg = cfg
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+        def weight(name: str) -> torch.Tensor:
+            return state_dict[name].to(self.device, dtype)
+
+        self.embedding = weight("embedding.weight")
+        self.output = self.embedding if cfg.tie_embeddings else weight("output_layer.weight")
+        self.final_norm = weight("decoder.final_layernorm.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            prefix = f"decoder.layers.{i}."
+            self.layers.append({
+                key: weight(prefix + name) for key, name in (
+                    ("attn_norm", "input_layernorm.weight"),
+                    ("qkv", "self_attention.linear_qkv.weight"),
+                    ("proj", "self_attention.linear_proj.weight"),
+                    ("mlp_norm", "pre_mlp_layernorm.weight"),
+                    ("fc1", "mlp.linear_fc1.weight"),
+                    ("fc2", "mlp.linear_fc2.weight"),
+                )
+            })
+        self._rotary = torch.empty(0, cfg.head_dim, device=self.device)
+
+    @property
+    def vocab_size(self) -> int:
+        """The padded vocabulary: the width of the logits."""
+        return self.output.shape[0]
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        shape = (batch_size, self.cfg.query_groups, max_len, self.cfg.head_dim)
+        make = lambda: torch.zeros(shape, device=self.device, dtype=self.dtype)  # noqa: E731
+        return KVCache([make() for _ in self.layers], [make() for _ in self.layers])
+
+    def angles(self, start: int, stop: int) -> torch.Tensor:
+        """Rotary angles [stop - start, head_dim] for positions start..stop-1.
+
+        The same angles as `pretrain.layers.rotary_frequencies` (both halves of
+        the head dimension rotate together, megatron-core's non-interleaved
+        layout), grown on demand.
+        """
+        if stop > self._rotary.shape[0]:
+            d = self.cfg.head_dim
+            inv_freq = 1.0 / (self.cfg.rotary_base ** (
+                torch.arange(0, d, 2, dtype=torch.float32, device=self.device) / d))
+            positions = torch.arange(max(stop, 2 * self._rotary.shape[0]), dtype=torch.float32,
+                                     device=self.device)
+            angles = torch.outer(positions, inv_freq)
+            self._rotary = torch.cat((angles, angles), dim=-1)
+        return self._rotary[start:stop]
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits [b, s, padded vocab] for tokens [b, s].
+
+        With a cache, `tokens` continue the cached positions and their keys and
+        values are appended to it; without, they are the whole sequence.
+        """
+        cfg = self.cfg
+        batch, seq = tokens.shape
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + seq > cache.capacity:
+            raise ValueError(f"KV cache holds {cache.capacity} positions; {start + seq} needed")
+        angles = self.angles(start, start + seq)[None, :, None, :]  # [1, s, 1, d]
+        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        groups, heads, d = cfg.query_groups, cfg.num_attention_heads, cfg.head_dim
+        per_group = heads // groups
+        # Causal attention over cached and new positions. A single new token
+        # sees everything cached; a first chunk is plainly causal; a later chunk
+        # needs the offset spelled out (SDPA aligns `is_causal` to the top left).
+        mask = None
+        if seq > 1 and start > 0:
+            mask = torch.arange(start + seq, device=self.device)[None, :] <= (
+                start + torch.arange(seq, device=self.device)[:, None])
+
+        x = self.embedding[tokens]  # [b, s, h]
+        for i, w in enumerate(self.layers):
+            y = F.rms_norm(x, w["attn_norm"].shape, w["attn_norm"], cfg.norm_eps)
+            # megatron-core's fused layout: per query group, its query heads, then one key, one value.
+            qkv = (y @ w["qkv"].T).view(batch, seq, groups, per_group + 2, d)
+            q = rotate(qkv[:, :, :, :per_group].reshape(batch, seq, heads, d), cos, sin)
+            k = rotate(qkv[:, :, :, per_group], cos, sin)
+            v = qkv[:, :, :, per_group + 1]
+            q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads or groups, s, d]
+            if cache is not None:
+                cache.keys[i][:, :, start:start + seq] = k
+                cache.values[i][:, :, start:start + seq] = v
+                k, v = cache.keys[i][:, :, :start + seq], cache.values[i][:, :, :start + seq]
+            attn = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=mask is None and seq > 1, enable_gqa=groups != heads
+            )
+            x = x + attn.transpose(1, 2).reshape(batch, seq, heads * d) @ w["proj"].T
+            y = F.rms_norm(x, w["mlp_norm"].shape, w["mlp_norm"], cfg.norm_eps)
+            gate, up = (y @ w["fc1"].T).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ w["fc2"].T
+        if cache is not None:
+            cache.length = start + seq
+        x = F.rms_norm(x, self.final_norm.shape, self.final_norm, cfg.norm_eps)
+        return x @ self.output.T
+
+    __call__ = forward
+
+
+def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding, rotate-half form (megatron-core's `apply_rotary_pos_emb`, not interleaved)."""
+    first, second = t.chunk(2, dim=-1)
+    return t * cos + torch.cat((-second, first), dim=-1) * sin

@@ -1,0 +1,55 @@
+"""Weight initialisation that does not depend on the parallel layout.
+
+Each full weight is drawn from a generator seeded by (seed, parameter name),
+then cut to this rank's shard. A model therefore starts from the same weights
+on one process, under tensor or pipeline parallelism, and after resharding,
+which is what makes losses comparable across layouts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+
+from parallel import sharding
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+def init_std(name: str, std: float, num_layers: int) -> float | None:
+    """Normal std for a weight, or None for norm weights (initialised to one).
+
+    Projections that write into the residual stream are scaled by
+    1/sqrt(2 * layers), as in GPT-2 and megatron-core.
+    """
+    if name.endswith("layernorm.weight"):
+        return None
+    if name.endswith(("linear_proj.weight", "linear_fc2.weight")):
+        return std / math.sqrt(2.0 * num_layers)
+    return std
+
+
+@torch.no_grad()
+def initialize(
+    named_parameters,
+    *,
+    seed: int,
+    std: float,
+    num_layers: int,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> None:
+    """Initialises `(canonical name, parameter)` pairs in place."""
+    for name, param in named_parameters:
+        scale = init_std(name, std, num_layers)
+        if scale is None:
+            param.fill_(1.0)
+            continue
+        shape = sharding.full_shape(name, param.shape, tp_size)
+        full = torch.randn(shape, generator=_generator(seed, name)) * scale
+        param.copy_(sharding.shard(name, full, tp_rank, tp_size))
