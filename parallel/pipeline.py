@@ -102,10 +102,30 @@ def build_pipeline(
     specs = [LayerSpec(EmbeddingStage, cfg, config, padded_vocab, seed)]
     specs += [LayerSpec(TransformerLayerStage, cfg, config, i, seed) for i in range(cfg.num_layers)]
     specs.append(LayerSpec(HeadStage, cfg, config, padded_vocab, seed))
-    return PipelineModule(
+    module = PipelineModule(
         layers=specs,
         topology=PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data),
         loss_fn=vocab_parallel_loss,
         # "uniform" balances transformer layers; "parameters" balances parameter counts.
         partition_method="type:TransformerLayerStage" if partition == "uniform" else "parameters",
     )
+    count_replicated_weights_once(module)
+    return module
+
+
+def count_replicated_weights_once(module: torch.nn.Module) -> None:
+    """Makes DeepSpeed's gradient norm count every stage's replicated weights.
+
+    DeepSpeed sums squared gradient norms over the pipeline x tensor group and
+    counts a weight that is not tensor-sharded only on that group's rank 0,
+    so norm weights on later stages would be left out of the norm (and of
+    clipping). Marking them `model_parallel` on each stage's first tensor rank
+    counts each exactly once.
+    """
+    if parallel_state.get_pipeline_model_parallel_rank() == 0:
+        return
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        return
+    for param in module.parameters():
+        if not getattr(param, "tensor_model_parallel", False):
+            param.model_parallel = True

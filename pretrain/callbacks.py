@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
@@ -74,7 +75,9 @@ class WandbSink(Callback):
         if mode == "auto":
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
         id_file = Path(run_dir) / "wandb_run_id"
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        # W&B's own style of id (8 lowercase letters and digits), made here because
+        # wandb's helper for it has moved between releases.
+        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
         if mode != "disabled":
             checkpoint.write_run_file(run_dir, "wandb_run_id", run_id.encode())
         self.run = wandb.init(

@@ -125,6 +125,10 @@ class ParallelConfig:
         _require(not (self.pipeline > 1 and self.zero_stage > 1),
                  f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: "
                  "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
+        _require(not (self.pipeline > 1 and self.precision == "bf16" and self.zero_stage == 0),
+                 f"parallel.precision=bf16 with parallel.pipeline={self.pipeline}: expected "
+                 "parallel.zero_stage=1 (DeepSpeed's pipeline engine reloads bf16 optimizer "
+                 "state only under ZeRO)")
         _require(not (self.sequence_parallel and self.tensor == 1),
                  "parallel.sequence_parallel=true: expected parallel.tensor > 1")
 

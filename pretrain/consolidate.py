@@ -10,6 +10,7 @@ export run in one process whatever layout trained the model.
 
 from __future__ import annotations
 
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,8 +84,16 @@ def find_checkpoint(path: str | Path) -> Path:
 
 
 def _load(file: Path) -> dict:
+    # mmap: optimizer states in the same file are never read into memory.
     try:
-        # mmap: optimizer states in the same file are never read into memory.
+        return torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError:
+        # Some DeepSpeed optimizer states pickle Python objects (e.g. the fp16
+        # loss scaler); these files are the run's own outputs.
+        pass
+    except Exception as err:
+        raise CheckpointError(f"{file}: unreadable ({err or type(err).__name__})") from None
+    try:
         return torch.load(file, map_location="cpu", mmap=True, weights_only=False)
     except Exception as err:
         raise CheckpointError(f"{file}: unreadable ({err or type(err).__name__})") from None

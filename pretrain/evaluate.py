@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import warnings
 from typing import Iterator
 
 import numpy as np
@@ -88,6 +90,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         value = getattr(args, key)
         if value is not None and value <= 0:
             fail(f"--{key.replace('_', '-')}={value}: expected > 0")
+    if args.data is not None:
+        for suffix in (".idx", ".bin"):
+            if not os.path.isfile(args.data + suffix):
+                fail(f"{args.data}{suffix}: shard file not found")
     if args.text is not None:
         try:
             args.text_content = open(args.text, encoding="utf-8").read()
@@ -98,11 +104,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    # Heavy imports only once the arguments are known to be good.
+    from pretrain.consolidate import CheckpointError, find_checkpoint, load_checkpoint, load_tokenizer
+
+    try:
+        find_checkpoint(args.checkpoint)
+    except CheckpointError as err:
+        fail(str(err))
+    # Heavy imports only once the arguments are known to be good. megatron-core
+    # warns about optional CUDA libraries and settings this model does not use.
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"megatron\.")
     from data_pipeline.dataset import PackedSequenceDataset
     from data_pipeline.indexed import ShardError, open_shard
     from parallel.groups import init_process_groups
-    from pretrain.consolidate import CheckpointError, load_checkpoint, load_tokenizer
     from pretrain.model import LlamaModel, transformer_config
 
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -12,6 +12,7 @@ import hashlib
 import math
 
 import torch
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from parallel import sharding
 
@@ -44,8 +45,16 @@ def initialize(
     tp_rank: int = 0,
     tp_size: int = 1,
 ) -> None:
-    """Initialises `(canonical name, parameter)` pairs in place."""
+    """Initialises `(canonical name, parameter)` pairs in place.
+
+    Also marks sharded weights the way megatron-core's own initialisation
+    would (`tensor_model_parallel`, `partition_dim`): gradient-norm and
+    checkpoint code use the marks to count each shard once.
+    """
     for name, param in named_parameters:
+        rule = sharding.split_rule(name)
+        if rule != "replicated" and not hasattr(param, "tensor_model_parallel"):
+            set_tensor_model_parallel_attributes(param, tp_size > 1, 1 if rule == "dim1" else 0, 1)
         scale = init_std(name, std, num_layers)
         if scale is None:
             param.fill_(1.0)

@@ -245,6 +245,10 @@ class Trainer:
 def run(cfg: Config, resolved_yaml: str) -> TrainState:
     """Everything `pretrain` does after the config is valid."""
     device = resolve_device(cfg.trainer.device)
+    if cfg.parallel.sequence_parallel and device.type != "cuda":
+        # megatron-core's sequence-parallel linear layers allocate their
+        # gather and reduce-scatter buffers on the current CUDA device.
+        raise ConfigError("parallel.sequence_parallel=true: needs CUDA devices (trainer.device=cuda)")
     # Settle what can be known before any process group, data or model exists.
     resume_from = checkpoint.resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume)
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device)
