@@ -2,16 +2,22 @@
 
 import pytest
 
-pytestmark = pytest.mark.skip(reason="layouts being brought to parity")
-
 from distributed import run_distributed
 from parity import STEPS, train_layouts
 
-# fp32 reorders sums across ranks only: 1e-5 relative covers it. bf16 rounds
-# every matmul to 8 bits of mantissa, and a different split of a sum rounds
-# differently; over a few steps losses drift apart by well under 1%.
+# fp32 reorders sums across ranks only: 1e-5 relative covers it. bf16 keeps 8
+# bits of mantissa, so a different split of a sum (over tensor shards, ranks or
+# micro-batches, or ZeRO's bf16 gradient buffers) rounds differently, and the
+# differences grow with every update. We allow a layout three times the
+# distance that single-process bf16 itself has from fp32 at that step, and never
+# less than 1%: the layout's error is then of the size of bf16's own.
 FP32_RTOL = 1e-5
-BF16_RTOL = 1e-2
+BF16_MIN_RTOL = 1e-2
+
+
+def bf16_tolerances(reference) -> list[float]:
+    fp32, bf16 = reference["fp32"]["losses"], reference["bf16"]["losses"]
+    return [max(BF16_MIN_RTOL, 3 * abs(b - f) / abs(f)) for f, b in zip(fp32, bf16)]
 
 TWO_RANKS = {
     "tp2": {"tensor": 2},
@@ -39,9 +45,27 @@ def two_ranks(tmp_path_factory):
     return run_distributed(train_layouts, 2, str(root), TWO_RANKS)
 
 
-def assert_close(actual, expected, rtol):
-    for step, (a, e) in enumerate(zip(actual, expected, strict=True), start=1):
-        assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol})"
+def assert_close(actual, expected, rtols):
+    for step, (a, e, rtol) in enumerate(zip(actual, expected, rtols, strict=True), start=1):
+        assert abs(a - e) <= rtol * abs(e), f"step {step}: {a} vs {e} (rtol {rtol:.2e})"
+
+
+def check_layout(reference, results, layout, settings):
+    precision = settings.get("precision", "fp32")
+    rtols = [FP32_RTOL] * STEPS if precision == "fp32" else bf16_tolerances(reference)
+    for rank_result in results:
+        result = rank_result[layout]
+        assert_close(result["losses"], reference[precision]["losses"], rtols)
+        # A fresh engine loaded from the checkpoint takes the same next step.
+        assert result["step"] == STEPS
+        assert result["resumed"] == pytest.approx(result["continued"], rel=1e-6)
+
+
+def test_bf16_tolerance_is_stated(reference):
+    print("single-process fp32:", reference["fp32"]["losses"])
+    print("single-process bf16:", reference["bf16"]["losses"])
+    print("bf16 layout tolerances:", bf16_tolerances(reference))
+    assert all(t < 0.05 for t in bf16_tolerances(reference))  # bf16 itself stays close to fp32
 
 
 def test_reference_updates_move_the_loss(reference):
@@ -52,15 +76,7 @@ def test_reference_updates_move_the_loss(reference):
 
 @pytest.mark.parametrize("layout", TWO_RANKS)
 def test_two_rank_layout_matches_single_process(reference, two_ranks, layout):
-    precision = TWO_RANKS[layout].get("precision", "fp32")
-    expected = reference[precision]
-    rtol = FP32_RTOL if precision == "fp32" else BF16_RTOL
-    for rank_result in two_ranks:
-        result = rank_result[layout]
-        assert_close(result["losses"], expected["losses"], rtol)
-        # A fresh engine loaded from the checkpoint takes the same next step.
-        assert result["step"] == STEPS
-        assert result["resumed"] == pytest.approx(result["continued"], rel=1e-6)
+    check_layout(reference, two_ranks, layout, TWO_RANKS[layout])
 
 
 FOUR_RANKS = {
@@ -81,11 +97,4 @@ def four_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", FOUR_RANKS)
 def test_four_rank_layout_matches_single_process(reference, four_ranks, layout):
-    precision = FOUR_RANKS[layout].get("precision", "fp32")
-    expected = reference[precision]
-    rtol = FP32_RTOL if precision == "fp32" else BF16_RTOL
-    for rank_result in four_ranks:
-        result = rank_result[layout]
-        assert_close(result["losses"], expected["losses"], rtol)
-        assert result["step"] == STEPS
-        assert result["resumed"] == pytest.approx(result["continued"], rel=1e-6)
+    check_layout(reference, four_ranks, layout, FOUR_RANKS[layout])
