@@ -75,7 +75,24 @@ def hydra_main(raw: DictConfig) -> None:
         raise
 
 
+def take_local_rank(argv: list[str]) -> list[str]:
+    """Removes the `--local_rank` the deepspeed launcher appends, keeping it in LOCAL_RANK."""
+    kept, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--local_rank=") or arg.startswith("--local-rank="):
+            os.environ.setdefault("LOCAL_RANK", arg.split("=", 1)[1])
+        elif arg in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            kept.append(arg)
+        i += 1
+    return kept
+
+
 def cli() -> None:
+    sys.argv[1:] = take_local_rank(sys.argv[1:])
     args = sys.argv[1:]
     if not any(a in ("-m", "--multirun") or a.startswith("--") and a not in ("--cfg",) for a in args):
         check_overrides([a for a in args if "=" in a and not a.startswith("-")])
