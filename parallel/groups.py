@@ -77,6 +77,11 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Top
             backend="nccl" if device.type == "cuda" else "gloo",
             timeout=timedelta(minutes=int(os.environ.get("PRETRAIN_DIST_TIMEOUT_MIN", 30))),
         )
+    # DeepSpeed's communication layer adopts the group torch started; pipeline
+    # modules use it while they are built, before deepspeed.initialize.
+    import deepspeed
+
+    deepspeed.init_distributed(dist_backend=dist.get_backend(), dist_init_required=False)
     world_size = dist.get_world_size()
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() != tensor

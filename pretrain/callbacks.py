@@ -66,7 +66,9 @@ class WandbSink(Callback):
     """Weights & Biases: online when a key is configured, offline files otherwise.
 
     The run id is kept in the run directory, so a resumed training run
-    continues the same W&B run instead of starting a new one.
+    continues the same W&B run instead of starting a new one. Steps redone
+    after resuming from an earlier checkpoint are already in the W&B history;
+    W&B keeps the first values, which a bit-exact resume reproduces anyway.
     """
 
     def __init__(self, run_dir: str, project: str, name: str | None, mode: str, config: dict):

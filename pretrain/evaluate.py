@@ -20,6 +20,7 @@ import math
 import os
 import sys
 import warnings
+from pathlib import Path
 from typing import Iterator
 
 import numpy as np
@@ -96,9 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                 fail(f"{args.data}{suffix}: shard file not found")
     if args.text is not None:
         try:
-            args.text_content = open(args.text, encoding="utf-8").read()
+            args.text_content = Path(args.text).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             fail(f"{args.text}: {getattr(err, 'strerror', None) or err}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        fail("--device=cuda: no CUDA device is visible")
     return args
 
 
@@ -118,8 +121,6 @@ def main(argv: list[str] | None = None) -> dict:
     from parallel.groups import init_process_groups
     from pretrain.model import LlamaModel, transformer_config
 
-    if args.device == "cuda" and not torch.cuda.is_available():
-        fail("--device=cuda: no CUDA device is visible")
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32

@@ -2,6 +2,7 @@
 
 import json
 import math
+import os
 import struct
 import subprocess
 import sys
@@ -105,10 +106,12 @@ def valid_loss_at(run, step: int) -> float:
 
 def test_eval_reproduces_the_trainers_validation_loss(run):
     """The console script on the final checkpoint, the trainer's validation shard and batches."""
+    # Not the process-group variables of this test process, if it has started one.
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
         [sys.executable, "-m", "pretrain.evaluate", str(run.run_dir / "checkpoints" / "step_0000012"),
          "--data", str(run.valid_prefix), "--seq-len", "64", "--batch-size", "8", "--batches", "2", "--json"],
-        capture_output=True, text=True, timeout=300,
+        capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     scores = json.loads(result.stdout.strip().splitlines()[-1])

@@ -259,6 +259,15 @@ def test_peak_flops_table_and_configured_peak():
     assert math.isclose(configured(1000, 0.5)["mfu"], 737_280 * 1000 / 0.5 / 2 / 1e9)
 
 
+def test_loss_scale_is_reported_for_fp16_only():
+    from pretrain.callbacks import loss_scale
+
+    engine = lambda fp16, scale: SimpleNamespace(fp16_enabled=lambda: fp16,  # noqa: E731
+                                                 optimizer=SimpleNamespace(loss_scale=scale))
+    assert loss_scale(engine(True, 65536)) == {"loss_scale": 65536.0}
+    assert loss_scale(engine(False, None)) == {}
+
+
 # --- console progress ----------------------------------------------------------------------
 
 class Terminal(io.StringIO):
