@@ -164,6 +164,9 @@ class TrainerConfig:
     checkpoint_interval: int = 0  # 0: only at the end
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # torch.compile: of each transformer layer, or of the whole model (which
+    # also fuses the fp32 cross entropy); the first steps pay the compile time.
+    compile: Literal["none", "layers", "model"] = "none"
 
     def __post_init__(self) -> None:
         for key in ("train_steps", "micro_batch_size", "global_batch_size", "eval_batches",
@@ -202,6 +205,9 @@ class Config:
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len}: expected at most model.max_seq_len={self.model.max_seq_len}",
         )
+        _require(not (self.trainer.compile == "model" and self.parallel.pipeline > 1),
+                 "trainer.compile=model with parallel.pipeline > 1: expected trainer.compile=layers "
+                 "(pipeline stages are separate modules)")
 
     def validate_world(self, world_size: int) -> int:
         """Checks the parallel layout against the world; returns the data-parallel size."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -87,6 +88,19 @@ class SDPAttention(MegatronModule):
             enable_gqa=k.shape[1] != heads,
         )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+
+
+class RowParallelLinear(tensor_parallel.RowParallelLinear):
+    """megatron-core's row-parallel linear, passing its own group to the matmul.
+
+    megatron-core 0.16 passes `tp_group=None`, which makes the matmul call
+    `warnings.warn` on every forward: torch.compile breaks the graph there,
+    twice per layer.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        kwargs["tp_group"] = self.tp_group
+        return super()._forward_impl(input, weight, *args, **kwargs)
 
 
 def rotary_frequencies(

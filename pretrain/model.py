@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from pretrain.config import ModelConfig
 from pretrain.init import initialize
-from pretrain.layers import RMSNorm, SDPAttention, rotary_frequencies
+from pretrain.layers import RMSNorm, RowParallelLinear, SDPAttention, rotary_frequencies
 
 
 def transformer_config(
@@ -91,7 +91,7 @@ def layer_spec() -> ModuleSpec:
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=tensor_parallel.ColumnParallelLinear,
                     core_attention=SDPAttention,
-                    linear_proj=tensor_parallel.RowParallelLinear,
+                    linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
                     k_layernorm=IdentityOp,
                 ),
@@ -102,7 +102,7 @@ def layer_spec() -> ModuleSpec:
                 module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=tensor_parallel.ColumnParallelLinear,
-                    linear_fc2=tensor_parallel.RowParallelLinear,
+                    linear_fc2=RowParallelLinear,
                 ),
             ),
             mlp_bda=get_bias_dropout_add,

@@ -91,6 +91,17 @@ def load_training_data(cfg: Config, topology: Topology, log=print) -> TrainingDa
     )
 
 
+def compile_model(module: torch.nn.Module, mode: str) -> None:
+    """torch.compile in place; layers of a pipeline stage are its TransformerLayerStage children."""
+    if mode == "model":
+        module.compile()
+    elif mode == "layers":
+        layers = (module.decoder.layers if hasattr(module, "decoder")
+                  else [m for m in module.children() if type(m).__name__ == "TransformerLayerStage"])
+        for layer in layers:
+            layer.compile()
+
+
 class Trainer:
     def __init__(self, cfg: Config, topology: Topology, data: TrainingData):
         self.cfg = cfg
@@ -134,6 +145,7 @@ class Trainer:
         self.engine = build_engine(
             cfg, self.model, optimizer, build_scheduler(cfg.optim, t.train_steps), dp_size
         )
+        compile_model(self.engine.module, t.compile)
         self.loop_clip = cfg.optim.grad_clip if clips_in_loop(cfg) else 0.0
         seed_everything(t.seed + topology.rank)  # per-rank streams from here on (dropout etc.)
 
