@@ -64,17 +64,25 @@ def consolidate(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor
     return full
 
 
+# The first rank's model-state file: its plain name, or its name under ZeRO stage 3.
+_FIRST_STATES = ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt")
+
+
+def _first_states(directory: Path) -> Path | None:
+    return next((directory / n for n in _FIRST_STATES if (directory / n).is_file()), None)
+
+
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, given it or a run directory (its newest checkpoint)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such run or checkpoint directory")
-    if (path / "mp_rank_00_model_states.pt").is_file():
+    if _first_states(path):
         return path
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
         checkpoint = path / "checkpoints" / latest.read_text().strip()
-        if (checkpoint / "mp_rank_00_model_states.pt").is_file():
+        if _first_states(checkpoint):
             return checkpoint
         raise CheckpointError(f"{latest}: names {checkpoint.name}, which holds no model states")
     raise CheckpointError(
@@ -136,10 +144,11 @@ def _pipeline_shards(directory: Path, num_layers: int) -> list[dict]:
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
     """The single-process model weights and training config of a checkpoint or run directory."""
     directory = find_checkpoint(path)
-    first = _load(directory / "mp_rank_00_model_states.pt")
+    first_file = _first_states(directory)
+    first = _load(first_file)
     config = first.get("config")
     if not isinstance(config, dict) or "model" not in config:
-        raise CheckpointError(f"{directory}/mp_rank_00_model_states.pt: no training config saved with it")
+        raise CheckpointError(f"{first_file}: no training config saved with it")
     try:
         model = from_dict(ModelConfig, config["model"], "model.")
     except ConfigError as err:
@@ -150,10 +159,15 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Check
     else:
         shards = _pipeline_shards(directory, model.num_layers)
     if any(isinstance(v, torch.Tensor) and v.numel() == 0 for shard in shards for v in shard.values()):
-        raise CheckpointError(
-            f"{directory}: the model weights are empty placeholders (ZeRO stage 3 keeps them in the "
-            "optimizer partitions); consolidate them with DeepSpeed's zero_to_fp32.py first"
-        )
+        # ZeRO stage 3 keeps the weights only in the optimizer partitions.
+        if len(shards) > 1:
+            raise CheckpointError(
+                f"{directory}: ZeRO stage 3 with tensor parallelism; consolidate each tensor-parallel "
+                "rank with DeepSpeed's zero_to_fp32.py first"
+            )
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        shards = [dict(get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name))]
     state_dict = consolidate(shards)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
