@@ -167,7 +167,15 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Check
             )
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        shards = [dict(get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name))]
+        try:
+            gathered = get_fp32_state_dict_from_zero_checkpoint(str(directory.parent), tag=directory.name)
+        except Exception as err:  # DeepSpeed raises assorted errors for missing or partial files
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            raise CheckpointError(
+                f"{directory}: ZeRO stage 3 weights could not be gathered from the optimizer "
+                f"partitions ({reason})"
+            ) from None
+        shards = [dict(gathered)]
     state_dict = consolidate(shards)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
