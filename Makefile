@@ -20,8 +20,10 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
+# CPU benchmarks; each prints its ratio against a reference measured in the same run.
 bench: $(STAMP)
-	$(PY) -m bench.run_all
+	$(PY) -m bench.data_preprocess
+	$(PY) -m bench.data_loader
 
 clean:
 	rm -rf runs .cache .pytest_cache

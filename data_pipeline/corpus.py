@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Iterator
 
 STDLIB = "stdlib"
-# Test suites and vendored trees are skipped: they are large, repetitive and
-# not what anyone wants a model to learn first.
-_STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "lib2to3", "__pycache__"}
+# Test suites, vendored trees and the codec tables in `encodings` are skipped:
+# they are large, repetitive and not what anyone wants a model to learn first
+# (one charmap table in the validation split would dominate its loss).
+_STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "lib2to3", "encodings", "__pycache__"}
 
 
 class CorpusError(ValueError):
@@ -62,8 +63,13 @@ def resolve_files(source: str) -> list[Path]:
 
 
 def source_files(sources: list[str]) -> list[Path]:
+    """Local files behind the sources (a `builder:NAME:FILES` source's FILES; none for `hub:`)."""
     files: list[Path] = []
     for source in sources:
+        if source.startswith("hub:"):
+            continue
+        if source.startswith("builder:"):
+            source = source.split(":", 2)[-1]
         files.extend(_stdlib_files() if source == STDLIB else resolve_files(source))
     return files
 
@@ -71,6 +77,7 @@ def source_files(sources: list[str]) -> list[Path]:
 def fingerprint(sources: list[str], max_bytes: int) -> str:
     """Identifies the corpus by its files' names, sizes and modification times."""
     digest = hashlib.sha256(str(max_bytes).encode())
+    digest.update(repr(list(sources)).encode())
     for path in source_files(sources):
         stat = path.stat()
         digest.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())

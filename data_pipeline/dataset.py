@@ -15,28 +15,55 @@ repeats nor skips a sample.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from data_pipeline.shards import ShardCorpus
+
+
+@dataclass(frozen=True)
+class EodOptions:
+    """Megatron's end-of-document options: `--eod-mask-loss`, `--reset-position-ids`,
+    `--reset-attention-mask`. All off means plain packing (the default)."""
+
+    eod_id: int | None = None
+    mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+
+    @property
+    def active(self) -> bool:
+        return self.eod_id is not None and (self.mask_loss or self.reset_position_ids or self.reset_attention_mask)
 
 
 class PackedSequenceDataset:
-    def __init__(self, shard: IndexedDataset, seq_len: int, seed: int, shuffle: bool = True):
-        self.shard = shard
+    """Samples of seq_len + 1 tokens cut from documents packed in a seeded order.
+
+    `shard` is one megatron-core IndexedDataset or a ShardCorpus over many;
+    `documents` (global ids) restricts it to a split.
+    """
+
+    def __init__(self, shard, seq_len: int, seed: int, shuffle: bool = True,
+                 documents: np.ndarray | None = None, eod: EodOptions = EodOptions()):
+        corpus = shard if isinstance(shard, ShardCorpus) else ShardCorpus.from_shards(
+            [str(shard.path_prefix)], [shard])
+        self.shard = corpus
         self.seq_len = seq_len
         self.seed = seed
         self.shuffle = shuffle
-        lengths = np.asarray(shard.sequence_lengths, dtype=np.int64)
+        self.eod = eod
+        docs = np.arange(corpus.num_documents) if documents is None else np.asarray(documents, dtype=np.int64)
         rng = np.random.default_rng(seed)
-        self.doc_order = rng.permutation(len(lengths)) if shuffle else np.arange(len(lengths))
-        self.doc_ends = np.cumsum(lengths[self.doc_order])
-        total = int(self.doc_ends[-1]) if len(lengths) else 0
+        self.doc_order = docs[rng.permutation(len(docs))] if shuffle else docs
+        self.doc_ends = np.cumsum(corpus.lengths[self.doc_order])
+        total = int(self.doc_ends[-1]) if len(docs) else 0
         self.num_samples = max(0, (total - 1) // seq_len)
         if self.num_samples == 0:
             raise ValueError(
-                f"{shard.path_prefix}: {total} tokens, too few for one sample of {seq_len + 1}"
+                f"{corpus.path_prefix}: {total} tokens, too few for one sample of {seq_len + 1}"
             )
         self._epoch_orders: dict[int, np.ndarray] = {}
 
@@ -61,17 +88,48 @@ class PackedSequenceDataset:
         while start < stop:
             doc_start = int(self.doc_ends[doc - 1]) if doc > 0 else 0
             take = min(stop, int(self.doc_ends[doc])) - start
-            pieces.append(
-                self.shard.get(int(self.doc_order[doc]), offset=start - doc_start, length=take)
-            )
+            pieces.append(self.shard.get(int(self.doc_order[doc]), offset=start - doc_start, length=take))
             start += take
             doc += 1
         return np.concatenate(pieces).astype(np.int64)
 
+    def collate(self, samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        return collate(samples, self.eod)
 
-def collate(samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
+
+def collate(samples: list[np.ndarray], eod: EodOptions = EodOptions()) -> dict[str, torch.Tensor]:
     block = torch.from_numpy(np.stack(samples))
-    return {"tokens": block[:, :-1].contiguous(), "labels": block[:, 1:].contiguous()}
+    batch = {"tokens": block[:, :-1].contiguous(), "labels": block[:, 1:].contiguous()}
+    if eod.active:
+        batch.update(eod_masks(batch["tokens"], eod))
+    return batch
+
+
+def eod_masks(tokens: torch.Tensor, eod: EodOptions) -> dict[str, torch.Tensor]:
+    """loss_mask [b, s] (float), position_ids [b, s], attention_mask [b, 1, s, s] (True = masked).
+
+    As Megatron's get_ltor_masks_and_position_ids: the loss is masked where
+    the input is EOD; positions restart and attention is cut after each EOD.
+    """
+    b, s = tokens.shape
+    is_eod = tokens == eod.eod_id
+    loss_mask = torch.ones(b, s, dtype=torch.float32)
+    if eod.mask_loss:
+        loss_mask[is_eod] = 0.0
+    # Document number of each position: EODs seen strictly before it.
+    doc_id = torch.cumsum(is_eod.long(), dim=1) - is_eod.long()
+    position_ids = torch.arange(s).expand(b, s).clone()
+    if eod.reset_position_ids:
+        positions = torch.arange(s).expand(b, s)
+        # Start of the current document = index after the last EOD before it.
+        starts = torch.where(is_eod, positions + 1, torch.zeros_like(positions))
+        starts = torch.cummax(torch.cat([torch.zeros(b, 1, dtype=torch.long), starts[:, :-1]], 1), 1).values
+        position_ids = positions - starts
+    causal = torch.ones(s, s, dtype=torch.bool).tril()
+    allowed = causal.expand(b, s, s)
+    if eod.reset_attention_mask:
+        allowed = allowed & (doc_id[:, :, None] == doc_id[:, None, :])
+    return {"loss_mask": loss_mask, "position_ids": position_ids, "attention_mask": (~allowed)[:, None]}
 
 
 class DataParallelLoader:
@@ -96,7 +154,8 @@ class DataParallelLoader:
 
     def __next__(self) -> dict[str, torch.Tensor]:
         first = self.consumed_samples + self.dp_rank * self.micro_batch_size
-        batch = collate([self.dataset[first + i] for i in range(self.micro_batch_size)])
+        samples = [self.dataset[first + i] for i in range(self.micro_batch_size)]
+        batch = self.dataset.collate(samples) if hasattr(self.dataset, "collate") else collate(samples)
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return batch
 

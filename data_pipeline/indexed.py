@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 
 class ShardError(ValueError):
@@ -23,25 +22,55 @@ def token_dtype(vocab_size: int) -> type[np.number]:
     return np.uint16 if vocab_size < 65500 else np.int32
 
 
+class ShardWriter:
+    """Writes one shard incrementally under temporary names; `commit` renames it into place."""
+
+    def __init__(self, prefix: str | os.PathLike, dtype):
+        self.prefix = Path(prefix)
+        self.prefix.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.prefix.with_name(f".{self.prefix.name}.tmp{os.getpid()}")
+        self.dtype = dtype
+        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+        self.builder = IndexedDatasetBuilder(f"{self.tmp}.bin", dtype=dtype)
+        self.documents = 0
+        self.tokens = 0
+
+    def add(self, doc: np.ndarray) -> None:
+        self.builder.add_document(doc, [len(doc)])
+        self.documents += 1
+        self.tokens += len(doc)
+
+    def commit(self) -> int:
+        self.builder.finalize(f"{self.tmp}.idx")
+        # The index goes last: a prefix whose .idx exists is complete.
+        os.replace(f"{self.tmp}.bin", f"{self.prefix}.bin")
+        os.replace(f"{self.tmp}.idx", f"{self.prefix}.idx")
+        return self.tokens
+
+    def abort(self) -> None:
+        if not self.builder.data_file.closed:
+            self.builder.data_file.close()
+        for suffix in (".bin", ".idx"):
+            Path(f"{self.tmp}{suffix}").unlink(missing_ok=True)
+
+
 def write_shard(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dtype) -> int:
     """Writes one shard of documents (1-D token arrays); returns its token count."""
-    prefix = Path(prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
-    builder = IndexedDatasetBuilder(f"{tmp}.bin", dtype=dtype)
-    tokens = 0
-    for doc in documents:
-        builder.add_document(doc, [len(doc)])
-        tokens += len(doc)
-    builder.finalize(f"{tmp}.idx")
-    # The index goes last: a prefix whose .idx exists is complete.
-    os.replace(f"{tmp}.bin", f"{prefix}.bin")
-    os.replace(f"{tmp}.idx", f"{prefix}.idx")
-    return tokens
+    writer = ShardWriter(prefix, dtype)
+    try:
+        for doc in documents:
+            writer.add(doc)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
 
 
-def open_shard(prefix: str | os.PathLike) -> IndexedDataset:
-    """Opens a shard, checking that its index and token file agree."""
+def open_shard(prefix: str | os.PathLike):
+    """Opens a shard (a megatron-core IndexedDataset), checking that its index and token file agree."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
     prefix = str(prefix)
     for suffix in (".idx", ".bin"):
         if not os.path.isfile(prefix + suffix):

@@ -1,8 +1,10 @@
-"""Raw sources → tokenizer + train/validation shards, cached by content.
+"""Raw sources → tokenizer + cleaned, deduplicated shards, cached by content.
 
-The cache directory is keyed by the corpus fingerprint and the tokenizer
-settings, so a second run with the same inputs reuses the tokenizer and the
-shards, and a changed input builds a new set beside the old one.
+The cache directory is keyed by the corpus fingerprint and the tokenizer and
+cleaning settings, so a second run with the same inputs reuses the tokenizer
+and the shards, and a changed input builds a new set beside the old one. The
+train/validation split is made by document when the shards are read
+(`shards.split_documents`), so one set of shards serves both.
 """
 
 from __future__ import annotations
@@ -10,96 +12,107 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
-import numpy as np
-
-from data_pipeline.corpus import CorpusError, fingerprint, iter_documents
-from data_pipeline.indexed import token_dtype, write_shard
+from data_pipeline.cleaning import CleaningConfig, Report, clean_records
+from data_pipeline.corpus import CorpusError, Document, fingerprint
+from data_pipeline.preprocess import MANIFEST, PreprocessJob, check_tokenizer, preprocess
+from data_pipeline.sources import read_records, resolve_inputs
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
 from pretrain.config import DataConfig
-
-MANIFEST = "manifest.json"
 
 
 @dataclass
 class PreparedData:
     directory: Path
     tokenizer: Tokenizer
-    train_prefix: Path
-    valid_prefix: Path
+    corpus: Path  # the preprocessed shard directory (manifest.json + shard-NNNNN.bin/.idx)
     manifest: dict
+
+
+def cleaning_config(cfg: DataConfig) -> CleaningConfig:
+    return CleaningConfig(text_field=cfg.text_field, normalize=cfg.normalize,
+                          strip_control=cfg.strip_control, min_chars=cfg.min_chars,
+                          max_chars=cfg.max_chars, dedup=cfg.dedup, on_bad_record=cfg.on_bad_record)
+
+
+def sample_documents(specs: list[str], cleaning: CleaningConfig, sample_bytes: int) -> Iterator[Document]:
+    """About `sample_bytes` of cleaned text, taken from every input in proportion to its size."""
+    inputs = resolve_inputs(specs)
+    total = sum(max(x.size, 1) for x in inputs)
+    names = [x.name for x in inputs]
+    for i, item in enumerate(inputs):
+        budget = sample_bytes * max(item.size, 1) / total
+        for record in read_records(i, item, cleaning.text_field):
+            if budget <= 0:
+                break
+            for text in clean_records([(record.mode, record.payload)], cleaning, names, [i], Report()):
+                budget -= len(text)
+                yield Document(item.name, text)
 
 
 def cache_directory(cfg: DataConfig) -> Path:
     corpus = fingerprint(cfg.sources, cfg.max_corpus_bytes)
     settings = json.dumps(
-        [asdict(cfg.tokenizer), cfg.valid_fraction, cfg.seed], sort_keys=True
+        [asdict(cfg.tokenizer), cfg.valid_fraction, cfg.seed, asdict(cleaning_config(cfg)), cfg.num_shards],
+        sort_keys=True,
     ).encode()
     return Path(cfg.cache_dir) / f"{corpus}-{hashlib.sha256(settings).hexdigest()[:8]}"
 
 
+def _first_missing(path: Path) -> Path | None:
+    """The outermost directory on the way to `path` that does not exist yet."""
+    missing = None
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            break
+        missing = parent
+    return missing
+
+
 def prepare_data(cfg: DataConfig, log=print) -> PreparedData:
     directory = cache_directory(cfg)  # fails on a missing source before anything is written
-    manifest_path = directory / MANIFEST
+    corpus = directory / "shards"
+    manifest_path = corpus / MANIFEST
     if manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
         tokenizer = Tokenizer(manifest["tokenizer"])
-        if tokenizer.hash != manifest["tokenizer_hash"]:
-            raise CorpusError(
-                f"{manifest['tokenizer']}: tokenizer hash {tokenizer.hash[:12]} differs from "
-                f"{manifest_path}'s {manifest['tokenizer_hash'][:12]}"
+        check_tokenizer(manifest, manifest_path, tokenizer)
+        log(f"data: reusing {directory} ({manifest['tokens']:,} tokens)")
+        return PreparedData(directory, tokenizer, corpus, manifest)
+
+    cleaning = cleaning_config(cfg)
+    created = _first_missing(directory)
+    try:
+        if cfg.tokenizer.model:
+            tokenizer = Tokenizer(cfg.tokenizer.model)
+        else:
+            t = cfg.tokenizer
+            sample = list(sample_documents(cfg.sources, cleaning, t.sample_bytes))
+            if len(sample) < 2:
+                raise CorpusError(
+                    f"data.sources={cfg.sources}: {len(sample)} non-empty documents; expected at least 2 "
+                    "(one for training, one for validation)")
+            log(f"data: training a {t.vocab_size}-piece {t.model_type} tokenizer")
+            tokenizer = train_tokenizer(
+                sample, directory / "tokenizer.model", vocab_size=t.vocab_size, model_type=t.model_type,
+                sample_bytes=t.sample_bytes, byte_fallback=t.byte_fallback,
+                user_defined_symbols=t.user_defined_symbols,
             )
-        log(f"data: reusing {directory} ({manifest['train_tokens']:,} train tokens)")
-        return PreparedData(directory, tokenizer, directory / "train", directory / "valid", manifest)
-
-    documents = list(iter_documents(cfg.sources, cfg.max_corpus_bytes))
-    if len(documents) < 2:
-        raise CorpusError(
-            f"data.sources={cfg.sources}: {len(documents)} non-empty documents; expected at least 2 "
-            "(one for training, one for validation)"
-        )
-    if cfg.tokenizer.model:
-        tokenizer = Tokenizer(cfg.tokenizer.model)
-    else:
-        log(f"data: training a {cfg.tokenizer.vocab_size}-piece {cfg.tokenizer.model_type} tokenizer")
-        tokenizer = train_tokenizer(
-            documents,
-            directory / "tokenizer.model",
-            vocab_size=cfg.tokenizer.vocab_size,
-            model_type=cfg.tokenizer.model_type,
-            sample_bytes=cfg.tokenizer.sample_bytes,
-        )
-
-    # Held-out documents are chosen by a seeded draw, so validation text is
-    # never seen in training, whatever the order of the sources.
-    rng = np.random.default_rng(cfg.seed)
-    num_valid = min(len(documents) - 1, max(1, round(cfg.valid_fraction * len(documents))))
-    is_valid = np.zeros(len(documents), dtype=bool)
-    is_valid[rng.choice(len(documents), num_valid, replace=False)] = True
-
-    log(f"data: tokenizing {len(documents)} documents")
-    token_lists = tokenizer.encode([d.text for d in documents])
-    dtype = token_dtype(tokenizer.vocab_size)
-    eos = tokenizer.eos_id
-    arrays = [np.array(ids + [eos], dtype=dtype) for ids in token_lists]
-    train_tokens = write_shard(directory / "train", (a for a, v in zip(arrays, is_valid) if not v), dtype)
-    valid_tokens = write_shard(directory / "valid", (a for a, v in zip(arrays, is_valid) if v), dtype)
-
-    manifest = {
-        "sources": cfg.sources,
-        "documents": len(documents),
-        "valid_documents": int(num_valid),
-        "train_tokens": train_tokens,
-        "valid_tokens": valid_tokens,
-        "dtype": np.dtype(dtype).name,
-        "tokenizer": str(tokenizer.path),
-        "tokenizer_hash": tokenizer.hash,
-        "vocab_size": tokenizer.vocab_size,
-    }
-    tmp = manifest_path.with_name(f".{MANIFEST}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, manifest_path)
-    log(f"data: wrote {train_tokens:,} train and {valid_tokens:,} validation tokens to {directory}")
-    return PreparedData(directory, tokenizer, directory / "train", directory / "valid", manifest)
+        log(f"data: cleaning and tokenizing {cfg.sources} on {cfg.workers or os.cpu_count()} processes")
+        manifest = preprocess(PreprocessJob(
+            list(cfg.sources), str(tokenizer.path), str(corpus), cfg.num_shards,
+            cfg.workers or os.cpu_count() or 1, cleaning=cleaning, max_bytes=cfg.max_corpus_bytes,
+        ), log=log)
+        if manifest["documents"] < 2:
+            raise CorpusError(f"data.sources={cfg.sources}: {manifest['documents']} non-empty documents; "
+                              "expected at least 2 (one for training, one for validation)")
+    except BaseException:
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
+        raise
+    log(f"data: wrote {manifest['tokens']:,} tokens to {corpus}")
+    return PreparedData(directory, tokenizer, corpus, manifest)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 from typing import Iterable
@@ -54,29 +55,15 @@ def _training_lines(documents: Iterable[Document], sample_bytes: int) -> Iterabl
                 yield line
 
 
-def train_tokenizer(
-    documents: Iterable[Document],
-    output: str | os.PathLike,
-    *,
-    vocab_size: int,
-    model_type: str = "bpe",
-    sample_bytes: int = 4_000_000,
-) -> Tokenizer:
-    """Trains a byte-fallback SentencePiece model and writes `output` atomically.
-
-    Whitespace is kept exactly (identity normalisation, no collapsing of
-    spaces, whitespace-only pieces allowed) so that code and prose round-trip;
-    newlines are encoded through byte fallback, as in Llama's tokenizer.
-    """
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    prefix = output.with_name(f".{output.stem}.tmp{os.getpid()}")
+def _train(prefix: Path, documents: Iterable[Document], vocab_size: int, model_type: str,
+           sample_bytes: int, byte_fallback: bool | None, user_defined_symbols: list[str] | None) -> None:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(_training_lines(documents, sample_bytes)),
         model_prefix=str(prefix),
         vocab_size=vocab_size,
         model_type=model_type,
-        byte_fallback=model_type != "char",
+        byte_fallback=(model_type != "char") if byte_fallback is None else byte_fallback,
+        user_defined_symbols=list(user_defined_symbols or []),
         normalization_rule_name="identity",
         remove_extra_whitespaces=False,
         allow_whitespace_only_pieces=True,
@@ -89,6 +76,54 @@ def train_tokenizer(
         num_threads=os.cpu_count() or 1,
         minloglevel=2,
     )
+
+
+def train_tokenizer(
+    documents: Iterable[Document],
+    output: str | os.PathLike,
+    *,
+    vocab_size: int,
+    model_type: str = "bpe",
+    sample_bytes: int = 4_000_000,
+    byte_fallback: bool | None = None,
+    user_defined_symbols: list[str] | None = None,
+) -> Tokenizer:
+    """Trains a byte-fallback SentencePiece model and writes `output` atomically.
+
+    Whitespace is kept exactly (identity normalisation, no collapsing of
+    spaces, whitespace-only pieces allowed) so that code and prose round-trip;
+    newlines are encoded through byte fallback, as in Llama's tokenizer.
+    `byte_fallback` defaults to on for BPE and unigram; user-defined symbols
+    are always kept whole. A `<output>.json` beside the model records its hash.
+    """
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    prefix = output.with_name(f".{output.stem}.tmp{os.getpid()}")
+    try:
+        _train(prefix, documents, vocab_size, model_type, sample_bytes, byte_fallback, user_defined_symbols)
+    except RuntimeError as err:  # SentencePiece reports bad settings as one long RuntimeError
+        reason = str(err).strip().splitlines()[0].split("] ")[-1]
+        raise ValueError(f"{output}: SentencePiece training failed: {reason}") from None
     os.replace(f"{prefix}.model", output)
     Path(f"{prefix}.vocab").unlink(missing_ok=True)
-    return Tokenizer(output)
+    tokenizer = Tokenizer(output)
+    sidecar = {"sha256": tokenizer.hash, "vocab_size": tokenizer.vocab_size, "model_type": model_type,
+               "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID, "pad_id": PAD_ID,
+               "user_defined_symbols": list(user_defined_symbols or [])}
+    tmp = output.with_name(f".{output.name}.json.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(sidecar, indent=1))
+    os.replace(tmp, f"{output}.json")
+    return tokenizer
+
+
+def check_fits(tokenizer_vocab: int, model_vocab: int | None, multiple: int = 128,
+               tensor_parallel: int = 1) -> int:
+    """The embedding rows for this tokenizer: its vocabulary padded to multiple × TP.
+
+    A model with a fixed vocabulary smaller than the tokenizer's is refused.
+    """
+    step = multiple * tensor_parallel
+    padded = -(-(model_vocab or tokenizer_vocab) // step) * step
+    if tokenizer_vocab > padded:
+        raise ValueError(f"model.vocab_size={model_vocab}: the tokenizer has {tokenizer_vocab} pieces")
+    return padded

@@ -12,6 +12,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from parallel.groups import MegatronMPU
 from pretrain.config import Config
+from pretrain.model import masked_mean
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -74,6 +75,19 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
             batch["labels"].to(device, non_blocking=True))
 
 
+# Optional per-token inputs a batch may carry (the end-of-document options).
+_MODEL_EXTRAS = ("attention_mask", "position_ids")
+
+
+def _extras(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: batch[k].to(device, non_blocking=True) for k in _MODEL_EXTRAS if k in batch}
+
+
+def _loss_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
+    mask = batch.get("loss_mask")
+    return None if mask is None else mask.to(device, non_blocking=True)
+
+
 def train_step(
     engine, batches: Iterator[dict], device: torch.device, clip: float = 0.0
 ) -> tuple[torch.Tensor, float]:
@@ -94,8 +108,9 @@ def train_step(
     total = torch.zeros((), device=device)
     grad_norm = None
     for _ in range(steps):
-        per_token = engine(*_to_device(next(batches), device))
-        loss = per_token.mean()
+        batch = next(batches)
+        per_token = engine(*_to_device(batch, device), **_extras(batch, device))
+        loss = masked_mean(per_token, _loss_mask(batch, device))
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if clip > 0 and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
@@ -115,6 +130,7 @@ def eval_loss(engine, batches: list[dict], device: torch.device) -> torch.Tensor
     engine.eval()
     total = torch.zeros((), device=device)
     for batch in batches:
-        total += engine(*_to_device(batch, device)).float().mean()
+        per_token = engine(*_to_device(batch, device), **_extras(batch, device))
+        total += masked_mean(per_token.float(), _loss_mask(batch, device))
     engine.train()
     return total / len(batches)

@@ -73,12 +73,26 @@ def evaluate(model, batches: Iterator[np.ndarray], device: torch.device) -> tupl
     return total / tokens, tokens, sequences
 
 
+def validation_batches(train_config: dict) -> Iterator[np.ndarray]:
+    """The fixed held-out batches the trainer evaluated on (data-parallel size 1)."""
+    from data_pipeline.dataset import fixed_batches
+    from pretrain.config import Config, from_dict
+    from pretrain.trainer import training_data
+
+    cfg = from_dict(Config, train_config)
+    valid = training_data(cfg, log=lambda *_: None).valid
+    for batch in fixed_batches(valid, cfg.trainer.micro_batch_size, cfg.trainer.eval_batches):
+        yield torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1).numpy()
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="pretrain-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="token shard prefix (PREFIX.bin and PREFIX.idx)")
     source.add_argument("--text", help="a UTF-8 text file, scored as one document")
+    source.add_argument("--valid", action="store_true",
+                        help="the run's own validation batches, as the trainer evaluates them")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's data.seq_len)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--batches", type=int, help="score this many batches (default: all of --data once)")
@@ -130,7 +144,9 @@ def main(argv: list[str] | None = None) -> dict:
         if not 0 < seq_len <= checkpoint.model.max_seq_len:
             raise CheckpointError(f"--seq-len={seq_len}: expected 1..{checkpoint.model.max_seq_len}"
                                   " (model.max_seq_len)")
-        if args.data is not None:
+        if args.valid:
+            batches = validation_batches(checkpoint.train_config)
+        elif args.data is not None:
             dataset = PackedSequenceDataset(open_shard(args.data), seq_len, seed=0, shuffle=False)
             batches = shard_batches(dataset, args.batch_size, args.batches)
         else:
@@ -154,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "checkpoint": str(checkpoint.path),
         "step": checkpoint.step,
-        "data": args.data or args.text,
+        "data": "validation" if args.valid else args.data or args.text,
         "loss": loss,
         "ppl": math.exp(min(loss, 50)),  # capped as in training, so a diverged model still prints
         "tokens": tokens,

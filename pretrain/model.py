@@ -164,15 +164,17 @@ class LlamaModel(torch.nn.Module):
         tokens: torch.Tensor,
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`attention_mask` [b, 1, s, s] is True where attention is cut (None: causal);
+        `position_ids` [b, s] restart rotary positions, e.g. at document boundaries."""
         hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # megatron layout [s, b, h]
         if self.config.sequence_parallel:
             hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
-        hidden = self.decoder(
-            hidden,
-            attention_mask=attention_mask,
-            rotary_pos_emb=self.rotary(tokens.shape[1], tokens.device),
-        )
+        rotary = self.rotary(tokens.shape[1], tokens.device)  # [s, 1, 1, d]
+        if position_ids is not None:
+            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, d]
+        hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, vocab / tp]
         if labels is None:

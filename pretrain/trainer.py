@@ -77,17 +77,47 @@ class TrainingData:
 
 def load_training_data(cfg: Config, topology: Topology, log=print) -> TrainingData:
     """Rank 0 builds the tokenizer and shards; the other ranks then find them cached."""
-    if topology.rank == 0:
-        prepared = prepare_data(cfg.data, log=log)
-    dist.barrier()
-    if topology.rank != 0:
-        prepared = prepare_data(cfg.data, log=lambda *_: None)
+    if not cfg.data.blend:
+        if topology.rank == 0:
+            prepare_data(cfg.data, log=log)
+        dist.barrier()
+    return training_data(cfg, log if topology.rank == 0 else (lambda *_: None))
+
+
+def training_data(cfg: Config, log=print) -> TrainingData:
+    """The train and validation datasets of a config (needs no process group).
+
+    With `data.blend`, the preprocessed corpora are mixed by weight instead
+    (each split by document into train and validation), all read with the
+    tokenizer of the first; otherwise `data.sources` are prepared and split.
+    """
+    from data_pipeline.blend import BlendedDataset
+    from data_pipeline.dataset import EodOptions
+    from data_pipeline.shards import manifest_tokenizer, open_corpus, split_documents
+
     d = cfg.data
+    if d.blend:
+        tokenizer = Tokenizer(d.tokenizer.model or manifest_tokenizer(d.blend[0].path))
+        corpora = [open_corpus(entry.path, tokenizer) for entry in d.blend]  # same tokenizer for all
+        weights = [entry.weight for entry in d.blend]
+    else:
+        prepared = prepare_data(d, log=log)  # found in the cache after the first call
+        tokenizer = prepared.tokenizer
+        corpora, weights = [open_corpus(prepared.corpus, tokenizer)], [1.0]
+    eod = EodOptions(tokenizer.eos_id, d.eod_mask_loss, d.reset_position_ids, d.reset_attention_mask)
+    train, valid = [], []
+    for k, corpus in enumerate(corpora):
+        train_docs, valid_docs = split_documents(corpus.num_documents, d.valid_fraction, d.seed + k)
+        train.append(PackedSequenceDataset(corpus, d.seq_len, d.seed + k, documents=train_docs, eod=eod))
+        # Shuffled too (with a fixed seed), so the fixed evaluation batches sample
+        # every held-out document rather than the first few.
+        valid.append(PackedSequenceDataset(corpus, d.seq_len, d.seed + k,
+                                           documents=valid_docs, eod=eod))
     return TrainingData(
-        train=PackedSequenceDataset(open_shard(prepared.train_prefix), d.seq_len, d.seed),
-        valid=PackedSequenceDataset(open_shard(prepared.valid_prefix), d.seq_len, d.seed, shuffle=False),
-        vocab_size=prepared.tokenizer.vocab_size,
-        tokenizer=prepared.tokenizer,
+        train=train[0] if len(train) == 1 else BlendedDataset(train, weights),
+        valid=valid[0] if len(valid) == 1 else BlendedDataset(valid, weights),
+        vocab_size=tokenizer.vocab_size,
+        tokenizer=tokenizer,
     )
 
 

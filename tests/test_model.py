@@ -90,3 +90,23 @@ def test_rotary_frequencies_layout():
 @pytest.mark.parametrize("vocab,tp,expected", [(500, 1, 512), (512, 1, 512), (513, 2, 768)])
 def test_padded_vocab_size(vocab, tp, expected):
     assert ModelConfig().padded_vocab_size(vocab, tp) == expected
+
+
+def test_document_masks_make_packed_documents_independent(single_process_groups):
+    """With attention cut and positions restarted at EOD, the second document of a
+    packed sequence gets the logits it would get on its own."""
+    from data_pipeline.dataset import EodOptions, eod_masks
+
+    model = tiny_model().eval()
+    eod = 2
+    first = torch.tensor([[5, 9, 17, 33, eod]])
+    second = torch.tensor([[41, 7, 7, 100, 3, 12]])
+    packed = torch.cat([first, second], dim=1)
+    masks = eod_masks(packed, EodOptions(eod, mask_loss=True, reset_position_ids=True,
+                                         reset_attention_mask=True))
+    with torch.no_grad():
+        together = model(packed, attention_mask=masks["attention_mask"],
+                         position_ids=masks["position_ids"])
+        alone = model(second)
+    torch.testing.assert_close(together[:, first.shape[1]:], alone, rtol=1e-5, atol=1e-5)
+    assert masks["loss_mask"][0, first.shape[1] - 1] == 0  # no loss for predicting after EOD

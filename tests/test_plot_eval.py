@@ -105,12 +105,12 @@ def valid_loss_at(run, step: int) -> float:
 
 
 def test_eval_reproduces_the_trainers_validation_loss(run):
-    """The console script on the final checkpoint, the trainer's validation shard and batches."""
+    """The console script on the final checkpoint and the trainer's own validation batches."""
     # Not the process-group variables of this test process, if it has started one.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
         [sys.executable, "-m", "pretrain.evaluate", str(run.run_dir / "checkpoints" / "step_0000012"),
-         "--data", str(run.valid_prefix), "--seq-len", "64", "--batch-size", "8", "--batches", "2", "--json"],
+         "--valid", "--json"],
         capture_output=True, text=True, timeout=300, env=env,
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -125,9 +125,10 @@ def test_eval_in_process_on_an_earlier_checkpoint_and_a_text_file(run, tmp_path,
     from pretrain.evaluate import main
 
     # The run's config supplies seq_len; batches of 8 as the trainer used.
-    scores = main([str(run.run_dir / "checkpoints" / "step_0000006"), "--data", str(run.valid_prefix),
-                   "--batches", "2", "--json"])
+    scores = main([str(run.run_dir / "checkpoints" / "step_0000006"), "--valid", "--json"])
     assert scores["seq_len"] == 64 and abs(scores["loss"] - valid_loss_at(run, 6)) < 1e-4
+    scores = main([str(run.run_dir), "--data", str(run.valid_prefix), "--batches", "2", "--json"])
+    assert scores["tokens"] == 2 * 8 * 64 and math.isclose(scores["ppl"], math.exp(scores["loss"]))
 
     text = tmp_path / "notes.txt"
     text.write_text("def add(a, b):\n    return a + b\n\n" * 20 + "print(add(1, 2))\n")

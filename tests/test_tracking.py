@@ -28,7 +28,7 @@ TINY_MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, nu
 @dataclass
 class TrainedRun:
     run_dir: Path
-    valid_prefix: Path  # the validation shard the trainer evaluated on
+    valid_prefix: Path  # a token shard of the run's corpus
     stdout: str
 
     def records(self) -> list[dict]:
@@ -53,7 +53,7 @@ def trained_run(tmp_path_factory) -> TrainedRun:
             failed.write_text(result.stderr[-3000:])
             pytest.fail(f"the shared training run failed:\n{result.stderr[-3000:]}")
         stdout.write_text(result.stdout)
-    (valid_index,) = (root / "cache").glob("*/valid.idx")
+    valid_index = sorted((root / "cache").glob("*/shards/*.idx"))[0]
     return TrainedRun(root / "run", valid_index.with_suffix(""), stdout.read_text())
 
 

@@ -1,0 +1,85 @@
+"""Preprocessing throughput against the pipeline's ceiling, measured in one run.
+
+Ceiling: SentencePiece's single-thread encode rate on the same documents
+(already in memory, nothing read, cleaned or written) times the number of
+cores. Measured: `preprocess` end to end (reading JSONL, cleaning, dedup,
+encoding on every core, writing shards; megatron-core's import, a fixed
+start-up cost of seconds, is paid before the clock starts). Prints both and their ratio.
+
+    .venv/bin/python -m bench.data_preprocess [--mbytes 24] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import sentencepiece as spm
+
+from data_pipeline.cleaning import CleaningConfig
+from data_pipeline.corpus import iter_documents
+from data_pipeline.preprocess import PreprocessJob, preprocess
+from data_pipeline.tokenizer import train_tokenizer
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mbytes", type=float, default=24.0, help="corpus size in MB")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # Real text, repeated with a varying suffix so dedup keeps every copy.
+        base = [d.text for d in iter_documents(["stdlib"], 12_000_000)]
+        texts, size, copy = [], 0, 0
+        while size < args.mbytes * 1e6:
+            for text in base:
+                texts.append(f"{text}\n# copy {copy}")
+                size += len(texts[-1])
+                if size >= args.mbytes * 1e6:
+                    break
+            copy += 1
+        with open(root / "corpus.jsonl", "w") as f:
+            for text in texts:
+                f.write(json.dumps({"text": text}) + "\n")
+        tokenizer = train_tokenizer((type("D", (), {"text": t}) for t in base), root / "tok.model",
+                                    vocab_size=args.vocab_size, sample_bytes=4_000_000)
+
+        sp = spm.SentencePieceProcessor(model_proto=tokenizer.model_bytes)
+        sp.encode(texts[:50], num_threads=1)  # warm up
+        start = time.perf_counter()
+        tokens = sum(len(ids) + 1 for ids in sp.encode(texts, num_threads=1))
+        single = tokens / (time.perf_counter() - start)
+        ceiling = single * args.workers
+
+        # A one-off start-up cost per process, not throughput: paid before the clock starts.
+        import megatron.core.datasets.indexed_dataset  # noqa: F401
+
+        before = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        start = time.perf_counter()
+        manifest = preprocess(PreprocessJob([str(root / "corpus.jsonl")], str(tokenizer.path), str(root / "out"),
+                                            num_shards=4, workers=args.workers, cleaning=CleaningConfig()),
+                              log=lambda *_: None)
+        elapsed = time.perf_counter() - start
+        after = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = [a.ru_utime + a.ru_stime - b.ru_utime - b.ru_stime for a, b in zip(after, before)]
+        measured = manifest["tokens"] / elapsed
+
+    print(f"corpus                  {size / 1e6:.1f} MB, {len(texts):,} documents, {tokens:,} tokens")
+    print(f"single-thread encode    {single:,.0f} tokens/s")
+    print(f"ceiling ({args.workers} cores)        {ceiling:,.0f} tokens/s")
+    print(f"preprocess end to end   {measured:,.0f} tokens/s ({elapsed:.1f} s)")
+    print(f"cpu seconds             reading process {cpu[0]:.1f}, workers {cpu[1]:.1f} "
+          f"(encode alone would take {tokens / single:.1f}); machine load {os.getloadavg()[0]:.1f}")
+    print(f"ratio                   {measured / ceiling:.3f}  (target >= 0.85)")
+
+
+if __name__ == "__main__":
+    main()

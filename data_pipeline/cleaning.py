@@ -1,0 +1,163 @@
+"""Cleaning stages, each counted: decode → normalise → strip controls → length filter → dedup.
+
+The stages that look at one document at a time run in the worker processes;
+deduplication needs every document's hash and runs where the results meet
+(see preprocess.py), so it is exact across inputs and workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import unicodedata
+from dataclasses import dataclass, field
+from typing import Literal
+
+from data_pipeline.corpus import CorpusError
+from data_pipeline.sources import payload_text
+
+STAGES = ("decode", "normalize", "control_chars", "min_length", "max_length", "dedup")
+# C0 and C1 control characters except tab, newline and carriage return.
+_CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+
+
+class DataError(CorpusError):
+    """Bad input data; the message names the file."""
+
+
+@dataclass(frozen=True)
+class CleaningConfig:
+    text_field: str = "text"
+    normalize: Literal["NFC", "NFKC", "NFD", "NFKD", "none"] = "NFC"
+    strip_control: bool = True
+    min_chars: int = 1  # documents shorter than this (after stripping whitespace) are dropped
+    max_chars: int = 0  # 0: no limit
+    dedup: bool = True
+    on_bad_record: Literal["skip", "error"] = "skip"
+
+
+@dataclass
+class StageCount:
+    docs_in: int = 0
+    docs_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+    def add(self, other: "StageCount") -> None:
+        self.docs_in += other.docs_in
+        self.docs_out += other.docs_out
+        self.bytes_in += other.bytes_in
+        self.bytes_out += other.bytes_out
+
+
+@dataclass
+class Report:
+    stages: dict[str, StageCount] = field(default_factory=lambda: {s: StageCount() for s in STAGES})
+
+    def add(self, other: "Report") -> None:
+        for name, count in other.stages.items():
+            self.stages[name].add(count)
+
+    def to_dict(self) -> dict:
+        return {name: vars(count).copy() for name, count in self.stages.items()}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "Report":
+        report = cls()
+        for name, count in values.items():
+            report.stages[name] = StageCount(**count)
+        return report
+
+    def table(self) -> str:
+        rows = [f"{'stage':<14}{'docs in':>12}{'docs out':>12}{'bytes in':>16}{'bytes out':>16}"]
+        for name, c in self.stages.items():
+            rows.append(f"{name:<14}{c.docs_in:>12,}{c.docs_out:>12,}{c.bytes_in:>16,}{c.bytes_out:>16,}")
+        return "\n".join(rows)
+
+
+def content_hash(text: str) -> bytes:
+    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+
+
+def nbytes(text: str) -> int:
+    # Pure-ASCII strings are common and their byte length is their length.
+    return len(text) if text.isascii() else len(text.encode("utf-8"))
+
+
+def clean_records(
+    records: list[tuple[str, bytes | str]], cfg: CleaningConfig, source_names: list[str],
+    sources: list[int], report: Report,
+) -> list[str]:
+    """Decodes and cleans a batch of (mode, payload) records; drops and counts what fails."""
+    out: list[str] = []
+    s = report.stages
+    for (mode, payload), source in zip(records, sources):
+        s["decode"].docs_in += 1
+        s["decode"].bytes_in += len(payload) if isinstance(payload, bytes) else nbytes(payload)
+        try:
+            text = payload_text(mode, payload, cfg.text_field)
+        except (UnicodeDecodeError, ValueError) as err:
+            if cfg.on_bad_record == "error":
+                raise DataError(f"{source_names[source]}: bad record ({_reason(err)})") from None
+            continue
+        size = nbytes(text)
+        s["decode"].docs_out += 1
+        s["decode"].bytes_out += size
+
+        stage = s["normalize"]
+        stage.docs_in += 1
+        stage.bytes_in += size
+        if cfg.normalize != "none" and not unicodedata.is_normalized(cfg.normalize, text):
+            text = unicodedata.normalize(cfg.normalize, text)
+            size = nbytes(text)
+        stage.docs_out += 1
+        stage.bytes_out += size
+
+        stage = s["control_chars"]
+        stage.docs_in += 1
+        stage.bytes_in += size
+        if cfg.strip_control and _CONTROL.search(text):
+            text = _CONTROL.sub("", text)
+            size = nbytes(text)
+        stage.docs_out += 1
+        stage.bytes_out += size
+
+        stage = s["min_length"]
+        stage.docs_in += 1
+        stage.bytes_in += size
+        if len(text.strip()) < max(cfg.min_chars, 1):
+            continue
+        stage.docs_out += 1
+        stage.bytes_out += size
+
+        stage = s["max_length"]
+        stage.docs_in += 1
+        stage.bytes_in += size
+        if cfg.max_chars and len(text) > cfg.max_chars:
+            continue
+        stage.docs_out += 1
+        stage.bytes_out += size
+        out.append(text)
+    return out
+
+
+def _reason(err: Exception) -> str:
+    if isinstance(err, UnicodeDecodeError):
+        return f"not UTF-8: {err.reason} at byte {err.start}"
+    return str(err).splitlines()[0]
+
+
+class Deduplicator:
+    """Exact deduplication by content hash: the first occurrence in input order is kept."""
+
+    def __init__(self, enabled: bool = True):
+        self.enabled = enabled
+        self.seen: set[bytes] = set()
+
+    def keep(self, digest: bytes) -> bool:
+        if not self.enabled:
+            return True
+        if digest in self.seen:
+            return False
+        self.seen.add(digest)
+        return True
