@@ -2,7 +2,8 @@
 
 The stages that look at one document at a time run in the worker processes;
 deduplication needs every document's hash and runs where the results meet
-(see preprocess.py), so it is exact across inputs and workers.
+(see preprocess.py), so it is exact across inputs and workers, and across
+the nodes of a multi-node job (each node's hashes are exchanged first).
 """
 
 from __future__ import annotations
@@ -86,9 +87,12 @@ def nbytes(text: str) -> int:
 
 def clean_records(
     records: list[tuple[str, bytes | str]], cfg: CleaningConfig, source_names: list[str],
-    sources: list[int], report: Report,
+    sources: list[int], report: Report, kept_sources: list[int] | None = None,
 ) -> list[str]:
-    """Decodes and cleans a batch of (mode, payload) records; drops and counts what fails."""
+    """Decodes and cleans a batch of (mode, payload) records; drops and counts what fails.
+
+    `kept_sources`, if given, receives the source of each text returned.
+    """
     out: list[str] = []
     s = report.stages
     for (mode, payload), source in zip(records, sources):
@@ -138,6 +142,8 @@ def clean_records(
         stage.docs_out += 1
         stage.bytes_out += size
         out.append(text)
+        if kept_sources is not None:
+            kept_sources.append(source)
     return out
 
 

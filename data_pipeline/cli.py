@@ -66,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--node-rank", type=int, default=int(os.environ.get("NODE_RANK", 0)))
     pre.add_argument("--num-nodes", type=int, default=int(os.environ.get("NUM_NODES", 1)))
     pre.add_argument("--chunk-bytes", type=int, default=1 << 18)
+    pre.add_argument("--phase", default="all", choices=["all", "hashes"],
+                     help="hashes: only write this node's document hashes for cross-node dedup, then stop")
     _cleaning_args(pre)
 
     chk = sub.add_parser("check", help="open every shard of a preprocessed directory")
@@ -100,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--num-shards={args.num_shards}: expected >= 1")
         job = PreprocessJob(args.inputs, args.tokenizer, args.output, args.num_shards, args.workers,
                             args.node_rank, args.num_nodes, _cleaning(args), args.chunk_bytes)
-        manifest = preprocess(job)
-        print(Report.from_dict(manifest["report"]).table())
+        manifest = preprocess(job, phase=args.phase)
+        if args.phase == "hashes":
+            print(f"preprocess: document hashes in {manifest['hashes']}")
+        else:
+            print(Report.from_dict(manifest["report"]).table())
     else:
         from data_pipeline.shards import open_corpus
         from data_pipeline.tokenizer import Tokenizer

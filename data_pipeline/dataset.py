@@ -10,7 +10,10 @@ data-parallel size: optimizer step s consumes global samples
 each micro-batch. Its whole state is the number of samples consumed, so a
 resumed run continues with exactly the samples it would have seen, and a run
 resumed with a different data-parallel size (same global batch) neither
-repeats nor skips a sample.
+repeats nor skips a sample: the order is fixed by the seed alone and the
+consumed count is global, so the new ranks split the remaining samples of
+the epoch among themselves. (The streaming mode's loader and its guarantees
+are in `stream_loader.py`.)
 """
 
 from __future__ import annotations
@@ -160,9 +163,15 @@ class DataParallelLoader:
         return batch
 
     def state_dict(self) -> dict[str, Any]:
+        """{"consumed_samples": n}: global, the same on every rank, whatever the data-parallel size."""
         return {"consumed_samples": self.consumed_samples}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "consumed_samples" not in state:
+            from data_pipeline.cleaning import DataError
+
+            raise DataError("loader state in the checkpoint is a streaming one; expected a checkpoint "
+                            "written with data.streaming=false")
         self.consumed_samples = int(state["consumed_samples"])
 
 

@@ -13,6 +13,16 @@ Which shard a record goes to depends only on how far through the node's inputs
 it lies (by bytes on disk), so a rerun knows each shard's records without
 encoding anything: a shard whose `.json` marker exists is skipped, its
 hashes reloaded so that later shards deduplicate against it as before.
+
+Deduplication is exact across the nodes of a multi-node job too (node k of
+K preprocesses its share of the inputs). Two phases: each node first cleans
+and hashes its share (no encoding) and writes `dedup-k-of-K.npz`, the hash of
+every document it has and the first input holding it; then, once every
+node's file exists, a node drops each document that another node has in an
+earlier input. Every input belongs to one node, so "earlier" is the global
+input order and the documents kept by all nodes together are exactly those
+a single node would keep. `phase="hashes"` runs the first phase alone (e.g.
+as its own job step), so that no node waits on another.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
+import time
 from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +60,7 @@ class PreprocessJob:
     cleaning: CleaningConfig = field(default_factory=CleaningConfig)
     chunk_bytes: int = 1 << 18
     max_bytes: int | None = None  # stop after this many raw bytes (a corpus budget)
+    node_wait_s: float = 7 * 24 * 3600.0  # how long to wait for the other nodes' hashes
 
 
 def manifest_name(node_rank: int, num_nodes: int) -> str:
@@ -70,6 +82,14 @@ def _init_worker(model_bytes: bytes, cfg: CleaningConfig, names: list[str], dtyp
 
     _worker.update(sp=spm.SentencePieceProcessor(model_proto=model_bytes), cfg=cfg, names=names,
                    dtype=np.dtype(dtype))
+
+
+def _hash_chunk(chunk: tuple[int, list[int], list]) -> tuple[list[bytes], list[int]]:
+    """(content hashes, input index) of the documents of a chunk that survive cleaning."""
+    _, sources, records = chunk
+    kept: list[int] = []
+    texts = clean_records(records, _worker["cfg"], _worker["names"], sources, Report(), kept)
+    return [content_hash(t) for t in texts], kept
 
 
 def _process_chunk(chunk: tuple[int, list[int], list]) -> tuple:
@@ -133,8 +153,14 @@ def _chunks(
         start += size
 
 
-def preprocess(job: PreprocessJob, log: Callable[[str], None] = print) -> dict:
-    """Runs (or finishes) one node's share of a preprocessing job; returns its manifest."""
+def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: str = "all") -> dict:
+    """Runs (or finishes) one node's share of a preprocessing job; returns its manifest.
+
+    `phase="hashes"` only writes this node's document hashes for cross-node
+    deduplication (see the module docstring) and returns {"hashes": path}.
+    """
+    if phase not in ("all", "hashes"):
+        raise ValueError(f"phase={phase!r}: expected 'all' or 'hashes'")
     output = Path(job.output)
     tokenizer = Tokenizer(job.tokenizer)
     manifest_path = output / manifest_name(job.node_rank, job.num_nodes)
@@ -182,6 +208,13 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print) -> dict:
                     (tokenizer.model_bytes, job.cleaning, [x.name for x in inputs], np.dtype(dtype).name))
     pending: deque = deque()
     try:
+        if job.num_nodes > 1 and job.cleaning.dedup:
+            hashes_path = _write_node_hashes(job, inputs, mine, output, pool, workers, log)
+            if phase == "hashes":
+                pool.close()
+                pool.join()
+                return {"hashes": str(hashes_path)}
+            dedup.seen.update(_other_nodes_first(job, inputs, output, log))
         chunks = _chunks(inputs, mine, job, set(done))
         while True:
             while len(pending) < 2 * workers:
@@ -232,6 +265,94 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print) -> dict:
     log(f"preprocess: {documents:,} documents, {manifest['tokens']:,} tokens in "
         f"{job.num_shards} shards under {output}")
     return manifest
+
+
+# --- cross-node deduplication ----------------------------------------------------------------
+
+def node_hashes_path(output: Path, node_rank: int, num_nodes: int) -> Path:
+    return output / f"dedup-{node_rank:03d}-of-{num_nodes:03d}.npz"
+
+
+def _job_key(job: PreprocessJob, inputs: list[Input]) -> str:
+    """What a hashes file depends on: the inputs, their split over nodes, cleaning and budget."""
+    import hashlib
+
+    key = json.dumps([[x.name for x in inputs], job.num_nodes, asdict(job.cleaning), job.max_bytes])
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+def _write_node_hashes(job: PreprocessJob, inputs: list[Input], mine: list[int], output: Path,
+                       pool, workers: int, log: Callable[[str], None]) -> Path:
+    """Phase one: every document hash of this node's share with the first input holding it."""
+    path = node_hashes_path(output, job.node_rank, job.num_nodes)
+    if path.is_file() and _load_node_hashes(path, _job_key(job, inputs)) is not None:
+        return path  # written by an earlier run of this node
+    first: dict[bytes, int] = {}
+    pending: deque = deque()
+    chunks = _chunks(inputs, mine, job, set())
+    while True:
+        while len(pending) < 2 * workers:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            pending.append(pool.apply_async(_hash_chunk, (chunk,)))
+        if not pending:
+            break
+        for digest, source in zip(*pending.popleft().get()):
+            first.setdefault(digest, source)  # chunks arrive in input order
+    hashes = np.frombuffer(b"".join(first), dtype=np.uint8).reshape(-1, 16)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        np.savez(f, hashes=hashes, inputs=np.fromiter(first.values(), dtype=np.int64, count=len(first)),
+                 key=np.array(_job_key(job, inputs)))
+    os.replace(tmp, path)
+    log(f"preprocess: {len(first):,} document hashes of node {job.node_rank} written to {path}")
+    return path
+
+
+def _load_node_hashes(path: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """(hashes as 16-byte keys, first inputs), or None when the file belongs to another job."""
+    with np.load(path) as data:
+        if str(data["key"]) != key:
+            return None
+        hashes = np.ascontiguousarray(data["hashes"]).view("V16").ravel()
+        return hashes, data["inputs"]
+
+
+def _other_nodes_first(job: PreprocessJob, inputs: list[Input], output: Path,
+                       log: Callable[[str], None]) -> set[bytes]:
+    """Phase two: hashes of this node's documents that another node has in an earlier input."""
+    key = _job_key(job, inputs)
+    paths = [node_hashes_path(output, k, job.num_nodes) for k in range(job.num_nodes)]
+    deadline = time.monotonic() + job.node_wait_s
+    missing = [p for p in paths if not p.is_file()]
+    if missing:
+        log(f"preprocess: waiting for the document hashes of {len(missing)} other node(s) ({missing[0].name}, ...)")
+    while missing:  # the other nodes write theirs before they encode anything
+        if time.monotonic() > deadline:
+            raise DataError(f"{missing[0]}: not written by its node within {job.node_wait_s:g} s; start every "
+                            f"node of the job (or run `--phase hashes` for each first)")
+        time.sleep(min(1.0, job.node_wait_s))
+        missing = [p for p in paths if not p.is_file()]
+    loaded = []
+    for path in paths:
+        found = _load_node_hashes(path, key)
+        if found is None:
+            raise DataError(f"{path}: written for another job (other inputs, cleaning or node count); "
+                            "delete it and rerun that node")
+        loaded.append(found)
+    own_hashes, own_inputs = loaded[job.node_rank]
+    others = [x for k, x in enumerate(loaded) if k != job.node_rank]
+    other_hashes = np.concatenate([h for h, _ in others])
+    if not len(other_hashes) or not len(own_hashes):
+        return set()
+    other_inputs = np.concatenate([i for _, i in others])
+    order = np.argsort(other_hashes, kind="stable")
+    unique, starts = np.unique(other_hashes[order], return_index=True)
+    earliest = np.minimum.reduceat(other_inputs[order], starts)  # a hash's first input over the other nodes
+    where = np.searchsorted(unique, own_hashes).clip(max=len(unique) - 1)
+    drop = (unique[where] == own_hashes) & (earliest[where] < own_inputs)
+    return {h.tobytes() for h in own_hashes[drop]}
 
 
 def _append(state: dict, dedup: Deduplicator, report: Report, sizes: list[int],

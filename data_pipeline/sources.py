@@ -167,7 +167,7 @@ def _read_parquet(index: int, item: Input, field: str, batch_rows: int = 2048) -
                 yield Record(index, STRING if isinstance(value, str) else RAW_TEXT, value, done / total)
 
 
-def _read_dataset(index: int, item: Input, field: str) -> Iterator[Record]:
+def _read_dataset(index: int, item: Input, field: str, streaming: bool = False) -> Iterator[Record]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -176,9 +176,11 @@ def _read_dataset(index: int, item: Input, field: str) -> Iterator[Record]:
         if isinstance(loaded, datasets.DatasetDict):
             loaded = loaded["train"] if "train" in loaded else loaded[next(iter(loaded))]
     elif item.kind == "builder":
+        # Streamed when training reads it directly: records come straight from
+        # the files, with no Arrow cache built first.
         _, name, files = item.name.split(":", 2)
         loaded = datasets.load_dataset(name, data_files=sorted(glob.glob(os.path.expanduser(files), recursive=True)),
-                                       split="train")
+                                       split="train", streaming=streaming)
     else:  # hub: streamed, so nothing is downloaded beyond what is read
         name, _, split = item.name[len("hub:"):].partition(":")
         loaded = datasets.load_dataset(name, split=split or "train", streaming=True)
@@ -187,6 +189,8 @@ def _read_dataset(index: int, item: Input, field: str) -> Iterator[Record]:
         raise CorpusError(f"{item.name}: no column {field!r} (has {names})")
     total = len(loaded) if hasattr(loaded, "__len__") else 0
     for done, row in enumerate(loaded.select_columns([field]).iter(batch_size=1024) if total else loaded):
+        if not total and field not in row:  # an iterable learns its columns from its rows
+            raise CorpusError(f"{item.name}: no column {field!r} (has {list(row)})")
         values = row[field] if total else [row[field]]
         for value in values:
             if value is not None:
@@ -204,8 +208,8 @@ def _read_stdlib(index: int) -> Iterator[Record]:
         yield Record(index, RAW_TEXT, path.read_bytes(), (i + 1) / len(files))
 
 
-def read_records(index: int, item: Input, field: str = "text") -> Iterator[Record]:
-    """Records of one input, in a fixed order."""
+def read_records(index: int, item: Input, field: str = "text", streaming: bool = False) -> Iterator[Record]:
+    """Records of one input, in a fixed order; `streaming` reads `builder:` inputs as an iterable."""
     if item.kind == "jsonl":
         return _read_jsonl(index, item)
     if item.kind == "txt":
@@ -214,7 +218,7 @@ def read_records(index: int, item: Input, field: str = "text") -> Iterator[Recor
         return _read_parquet(index, item, field)
     if item.kind == "stdlib":
         return _read_stdlib(index)
-    return _read_dataset(index, item, field)
+    return _read_dataset(index, item, field, streaming)
 
 
 def payload_text(mode: str, payload: bytes | str, field: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Iterator
 
 import deepspeed
@@ -11,7 +12,8 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from parallel.groups import MegatronMPU
-from pretrain.config import Config
+from pretrain import optim
+from pretrain.config import Config, ConfigError
 from pretrain.model import masked_mean
 
 
@@ -40,7 +42,11 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 0.0 if clips_in_loop(cfg) else cfg.optim.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": {
+            "stage": p.zero_stage,
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": cfg.trainer.device != "cpu"}}
+               if p.offload_optimizer else {}),
+        },
         "bf16": {"enabled": p.precision == "bf16"},
         "fp16": {
             "enabled": p.precision == "fp16",
@@ -57,7 +63,34 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
     }
 
 
+def check_precision_supported(precision: str, device: torch.device) -> None:
+    """fp16 needs an accelerator with half-precision kernels; DeepSpeed's CPU
+    accelerator has them only on CPUs with AVX512-FP16 or AMX."""
+    from deepspeed.accelerator import get_accelerator
+
+    if precision == "fp16" and device.type == "cpu" and not get_accelerator().is_fp16_supported():
+        raise ConfigError("parallel.precision=fp16: DeepSpeed supports fp16 on this CPU only with "
+                          "AVX512-FP16/AMX; expected bf16 or fp32 here, or trainer.device=cuda")
+
+
+def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
+    """torch's AdamW, or DeepSpeed's CPU Adam when ZeRO offloads the optimizer to host memory."""
+    if not cfg.parallel.offload_optimizer:
+        return optim.build_optimizer(model, cfg.optim, device)
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    o = cfg.optim
+    try:
+        return DeepSpeedCPUAdam(optim.parameter_groups(model, o.weight_decay), lr=o.lr,
+                                betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
+    except Exception as err:  # the C++ op is compiled on first use and needs a working compiler
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"parallel.offload_optimizer=true: DeepSpeed's CPU Adam op could not be "
+                          f"built or loaded ({first}); expected a C++ compiler and ninja") from err
+
+
 def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel: int):
+    check_precision_supported(cfg.parallel.precision, next(model.parameters()).device)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
@@ -114,6 +147,10 @@ def train_step(
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if clip > 0 and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
+            if hasattr(engine.optimizer, "overflow"):
+                # A non-finite norm skips the update, as DeepSpeed skips an fp16
+                # overflow (see pretrain.guard.skip_nonfinite_updates).
+                engine.optimizer.overflow = not math.isfinite(float(grad_norm))
         engine.step()  # steps the optimizer only at the accumulation boundary
         total += loss.detach()
     if grad_norm is None:

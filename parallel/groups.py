@@ -16,6 +16,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from launch.env import detect as detect_cluster
+
 
 @dataclass(frozen=True)
 class Topology:
@@ -56,7 +58,7 @@ def resolve_device(requested: str) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", detect_cluster().local_rank)
     return torch.device("cpu")
 
 
@@ -67,10 +69,12 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Top
     pipeline, which is also what DeepSpeed's pipeline topology uses.
     """
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python`/`pretrain` call: a world of one
-            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        # torch reads env://: set it from whichever launcher started us (torchrun,
+        # deepspeed, srun, mpirun), or for a plain call, a world of one on a free port.
+        cluster = detect_cluster()
+        os.environ.update(cluster.as_environ())
+        if cluster.master_port is None:
+            os.environ["MASTER_PORT"] = str(free_port())
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group(

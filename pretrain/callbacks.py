@@ -23,6 +23,7 @@ from pretrain import checkpoint
 
 if TYPE_CHECKING:
     from pretrain.config import Config
+    from pretrain.preemption import SaveTriggers
     from pretrain.trainer import Trainer
 
 
@@ -277,12 +278,24 @@ class Evaluation(Callback):
 # --- checkpointing --------------------------------------------------------------------------
 
 class Checkpointing(Callback):
-    def __init__(self, interval: int):
-        self.interval = interval
+    """Saves when the triggers (steps, minutes, SIGUSR1, SIGTERM) say so, and at the end.
+
+    Every rank asks the triggers at every step (one small all-reduce), so all
+    ranks save at the same step; after a SIGTERM save the loop stops.
+    """
+
+    def __init__(self, triggers: "SaveTriggers"):
+        self.triggers = triggers
+
+    def on_train_start(self, trainer):
+        self.triggers.saved()  # minutes count from the start of training
 
     def on_step_end(self, trainer, metrics):
-        if self.interval and metrics["step"] % self.interval == 0:
-            trainer.save_checkpoint()
+        decision = self.triggers.decide(metrics["step"])
+        if decision.save and trainer.state.last_checkpoint_step != trainer.state.step:
+            trainer.save_checkpoint(decision.reason)
+        if decision.stop:
+            trainer.stop_requested = True
 
     def on_train_end(self, trainer):
         if trainer.state.last_checkpoint_step != trainer.state.step:

@@ -1,23 +1,54 @@
-"""Checkpoint contents and the run directory's rules.
+"""Checkpoint contents, atomic commits, retention and the run directory's rules.
 
-A checkpoint is a DeepSpeed checkpoint (model and optimizer shards of every
-rank) whose client state carries the trainer's own state: step, consumed
-samples and tokens, the loader state and the config it was written with.
+A checkpoint `checkpoints/step_NNNNNNN/` holds the DeepSpeed engine state of
+every rank (its client state carries the trainer and loader state, the config,
+the tokenizer hash and the W&B run id), one RNG-state file per rank, a copy of
+the tokenizer model and of the W&B run id, and a `COMPLETE` manifest.
+
+A save writes everything into `step_NNNNNNN.partial/`; once every rank has
+written and fsynced its files, rank 0 writes the manifest (the size of every
+file), renames the directory into place and moves the `latest` pointer. Only
+directories with a manifest are ever resumed from, so a save killed half way
+leaves the previous checkpoint in charge; the next successful save removes
+the leftovers.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import random
+import re
+import shutil
+import time
 from pathlib import Path
 
+import numpy as np
+import torch
 import torch.distributed as dist
 
 CHECKPOINTS = "checkpoints"
-LATEST = "latest"  # DeepSpeed's pointer file to the newest tag
+LATEST = "latest"  # the tag of the newest complete checkpoint, for tools that read a pointer
+COMPLETE = "COMPLETE"  # manifest written last: its presence makes a checkpoint resumable
+PARTIAL = ".partial"  # suffix of a checkpoint being written
+REPLACED = ".replaced"  # suffix of a complete checkpoint being replaced by one of the same step
+TOKENIZER_FILE = "tokenizer.model"
+WANDB_ID_FILE = "wandb_run_id"
+STEP_DIR = re.compile(r"step_(\d+)")
+LEFTOVER_DIR = re.compile(r"step_\d+(\.partial|\.replaced)?")
+
+# The exit status of a run stopped by SIGTERM after saving a checkpoint:
+# sysexits.h's EX_TEMPFAIL, "temporary failure, the user is invited to retry".
+# A scheduler or job script that sees it requeues the job; the rerun resumes.
+EXIT_PREEMPTED = 75
+
+# Model settings a checkpoint's weights are shaped by; a resume must match them.
+SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+              "ffn_hidden_size", "tie_embeddings")
 
 
 class RunDirError(RuntimeError):
-    pass
+    """A run directory or checkpoint cannot be used; the message names the path."""
 
 
 def checkpoint_root(run_dir: str | os.PathLike) -> Path:
@@ -28,17 +59,65 @@ def tag_for(step: int) -> str:
     return f"step_{step:07d}"
 
 
+def rng_file(rank: int) -> str:
+    return f"rng_state_rank{rank:05d}.pt"
+
+
+# --- finding checkpoints --------------------------------------------------------------------
+
+def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint with a manifest, oldest first; the directory is scanned,
+    so a stale or missing `latest` pointer does not matter."""
+    root = checkpoint_root(run_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir()
+             if (m := STEP_DIR.fullmatch(p.name)) and (p / COMPLETE).is_file()]
+    return sorted(found)
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
-    pointer = checkpoint_root(run_dir) / LATEST
-    if not pointer.is_file():
-        return None
-    tag = pointer.read_text().strip()
-    path = checkpoint_root(run_dir) / tag
-    return path if path.is_dir() else None
+    found = complete_checkpoints(run_dir)
+    return found[-1][1] if found else None
 
 
-def resolve_resume(run_dir: str, resume: str) -> Path | None:
-    """Which checkpoint to start from, refusing to start over a finished run's checkpoints."""
+def read_manifest(path: Path) -> dict:
+    """The manifest of a complete checkpoint, after checking every file it lists is whole."""
+    marker = path / COMPLETE
+    if not marker.is_file():
+        raise RunDirError(f"{path}: incomplete checkpoint (no {COMPLETE} manifest; its save was interrupted)")
+    try:
+        manifest = json.loads(marker.read_text())
+        files = manifest["files"]
+    except (ValueError, KeyError, TypeError):
+        raise RunDirError(f"{marker}: unreadable checkpoint manifest") from None
+    for name, size in files.items():
+        file = path / name
+        if not file.is_file():
+            raise RunDirError(f"{file}: missing from checkpoint {path.name} (its manifest lists it)")
+        if file.stat().st_size != size:
+            raise RunDirError(f"{file}: {file.stat().st_size} bytes, the checkpoint manifest says {size} "
+                              "(corrupt or truncated)")
+    return manifest
+
+
+def check_model_shape(path: Path, manifest: dict, model) -> None:
+    """Refuses a checkpoint whose weights were shaped by other model settings than `model`'s."""
+    saved = manifest.get("model") or {}
+    for key in SHAPE_KEYS:
+        if key in saved and saved[key] != getattr(model, key):
+            raise RunDirError(f"{path}: written for model.{key}={saved[key]}, but the config has "
+                              f"model.{key}={getattr(model, key)}")
+
+
+def resolve_resume(run_dir: str, resume: str, model=None) -> Path | None:
+    """Which checkpoint to start from, refusing to start over a run's checkpoints.
+
+    `auto` takes the newest complete checkpoint (none: a fresh start), `never`
+    refuses a run directory that has one, anything else is a checkpoint path.
+    The chosen checkpoint is checked whole (and against `model`'s shape) before
+    anything is built.
+    """
     existing = latest_checkpoint(run_dir)
     if resume == "never":
         if existing is not None:
@@ -48,25 +127,196 @@ def resolve_resume(run_dir: str, resume: str) -> Path | None:
             )
         return None
     if resume == "auto":
-        return existing
-    path = Path(resume)
-    if not (path / "mp_rank_00_model_states.pt").is_file() and not any(path.glob("*model_states.pt")):
-        raise RunDirError(f"trainer.resume={resume}: not a checkpoint directory (no model states)")
+        path = existing
+        if path is None:
+            return None
+    else:
+        path = Path(resume)
+        if not path.is_dir() or not any(path.glob("*model_states.pt")):
+            raise RunDirError(f"trainer.resume={resume}: not a checkpoint directory (no model states)")
+    manifest = read_manifest(path)
+    if model is not None:
+        check_model_shape(path, manifest, model)
     return path
 
 
-def save(engine, run_dir: str, step: int, client_state: dict) -> Path:
-    root = checkpoint_root(run_dir)
-    engine.save_checkpoint(str(root), tag=tag_for(step), client_state=client_state)
-    return root / tag_for(step)
+# --- RNG states -----------------------------------------------------------------------------
 
+def capture_rng_state() -> dict:
+    """This process's random streams: Python, NumPy, torch (CPU, CUDA) and megatron-core's
+    model-parallel stream, which differs per tensor-parallel rank."""
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    tracker = megatron_random.get_cuda_rng_tracker()
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "model_parallel": tracker.get_states() if tracker.is_initialized() else None,
+    }
+
+
+def restore_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    if state.get("model_parallel") is not None:
+        megatron_random.get_cuda_rng_tracker().set_states(state["model_parallel"])
+
+
+def load_rng_state(path: Path, rank: int, world_size: int) -> dict | None:
+    """This rank's saved streams; None when the checkpoint was written by another number of
+    ranks (a resume into a new layout), where rank r's streams are not this rank's."""
+    manifest = json.loads((path / COMPLETE).read_text()) if (path / COMPLETE).is_file() else {}
+    file = path / rng_file(rank)
+    if manifest.get("world_size") != world_size or not file.is_file():
+        return None
+    return torch.load(file, map_location="cpu", weights_only=False)
+
+
+# --- saving ---------------------------------------------------------------------------------
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(directory: Path) -> None:
+    """Flushes every file under `directory`, and the directories, to disk. Every rank calls
+    it: on a shared file system each node flushes what it wrote itself."""
+    for parent, _, files in os.walk(directory):
+        for name in files:
+            fsync_path(Path(parent) / name)
+        fsync_path(Path(parent))
+
+
+def write_atomic(target: Path, data: bytes) -> None:
+    """Writes `target` so that it is either absent, the old content or the whole new content."""
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, target)
+    fsync_path(target.parent)
+
+
+def save(engine, run_dir: str, step: int, client_state: dict, *, files: dict[str, bytes] | None = None,
+         model: dict | None = None, world_size: int = 1, keep_last: int = 0, keep_every: int = 0,
+         before_commit=None) -> Path:
+    """Writes the checkpoint of `step` on every rank and commits it; returns its path.
+
+    `files` are extra small files rank 0 puts beside the engine state; `model`
+    (the model config) goes into the manifest; `before_commit` is called once
+    every rank's files are on disk and before the manifest is written.
+    """
+    root = checkpoint_root(run_dir)
+    final, staging = root / tag_for(step), root / (tag_for(step) + PARTIAL)
+    rank = _rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)  # an earlier save of this step that died
+    _barrier()
+    # We own the pointer: DeepSpeed's would name a checkpoint before it is complete.
+    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
+    torch.save(capture_rng_state(), staging / rng_file(rank))
+    if rank == 0:
+        for name, data in (files or {}).items():
+            (staging / name).write_bytes(data)
+    if before_commit is not None:
+        before_commit()
+    _barrier()  # every rank has written
+    fsync_tree(staging)
+    _barrier()  # every rank's files are on disk
+    if rank == 0:
+        commit(root, staging, final, {"step": step, "world_size": world_size, "model": model})
+        remove_leftovers(root, keep=final)
+        prune(run_dir, keep_last, keep_every, keep=step)
+    _barrier()
+    return final
+
+
+def commit(root: Path, staging: Path, final: Path, facts: dict) -> None:
+    """Rank 0, once every rank's files are on disk: manifest, rename into place, pointer."""
+    files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
+    manifest = {**facts, "files": files, "time": time.time()}
+    write_atomic(staging / COMPLETE, json.dumps(manifest, indent=1).encode())
+    replaced = None
+    if final.exists():  # a checkpoint of the same step, from an earlier branch of the run
+        replaced = final.with_name(final.name + REPLACED)
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+    os.rename(staging, final)
+    fsync_path(root)
+    write_atomic(root / LATEST, final.name.encode())
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+
+
+def remove_leftovers(root: Path, keep: Path) -> None:
+    """Removes checkpoint directories without a manifest: saves that were interrupted."""
+    for path in root.iterdir():
+        if path != keep and path.is_dir() and LEFTOVER_DIR.fullmatch(path.name) and (
+                path.name.endswith((PARTIAL, REPLACED)) or not (path / COMPLETE).is_file()):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def prune(run_dir: str, keep_last: int, keep_every: int, keep: int) -> list[int]:
+    """Applies retention: the newest `keep_last` checkpoints (0: all), every step that is a
+    multiple of `keep_every` (0: none), and step `keep` stay. Returns the removed steps."""
+    if keep_last <= 0:
+        return []
+    found = complete_checkpoints(run_dir)
+    newest = {step for step, _ in found[-keep_last:]}
+    removed = []
+    for step, path in found:
+        if step in newest or step == keep or (keep_every > 0 and step % keep_every == 0):
+            continue
+        # The manifest goes first, so a removal cut short leaves a leftover, never a
+        # checkpoint that looks complete but is not.
+        (path / COMPLETE).unlink()
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(step)
+    return removed
+
+
+# --- loading --------------------------------------------------------------------------------
 
 def load(engine, path: Path) -> dict:
     """Loads engine state from checkpoint directory `path`; returns the client state."""
-    loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    try:
+        loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
+    except Exception as err:  # DeepSpeed reports a bad file in many ways
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise RunDirError(f"{path}: cannot load this checkpoint ({type(err).__name__}: {first})") from err
     if loaded is None:
         raise RunDirError(f"{path}: DeepSpeed could not load this checkpoint")
     return client_state
+
+
+def restore_run_files(path: Path, run_dir: str) -> None:
+    """Puts the checkpoint's W&B run id into a run directory that has none (rank 0), so a run
+    resumed from a copied checkpoint continues the same W&B run."""
+    source, target = path / WANDB_ID_FILE, Path(run_dir) / WANDB_ID_FILE
+    if source.is_file() and not target.exists():
+        write_run_file(run_dir, WANDB_ID_FILE, source.read_bytes())
 
 
 def write_run_file(run_dir: str, name: str, data: bytes) -> Path:
@@ -79,4 +329,3 @@ def write_run_file(run_dir: str, name: str, data: bytes) -> Path:
     tmp.write_bytes(data)
     os.replace(tmp, target)
     return target
-

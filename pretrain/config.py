@@ -124,9 +124,18 @@ class DataConfig:
     eod_mask_loss: bool = False
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
+    # Train straight from `sources`, cleaned, tokenized and packed on the fly
+    # (no preprocessing pass), in this many loader processes per rank (0: in
+    # the training process).
+    streaming: bool = False
+    streaming_workers: int = 2
 
     def __post_init__(self) -> None:
         _require(len(self.sources) > 0, "data.sources: expected at least one path or 'stdlib'")
+        _require(self.streaming_workers >= 0,
+                 f"data.streaming_workers={self.streaming_workers}: expected >= 0")
+        _require(not (self.streaming and self.blend),
+                 "data.streaming=true with data.blend: expected one of them (a blend mixes preprocessed corpora)")
         _require(self.seq_len > 0, f"data.seq_len={self.seq_len}: expected > 0")
         _require(0 < self.valid_fraction < 1,
                  f"data.valid_fraction={self.valid_fraction}: expected between 0 and 1")
@@ -149,9 +158,15 @@ class ParallelConfig:
     # How pipeline stages are cut: equal numbers of transformer layers, or of parameters.
     pipeline_partition: Literal["uniform", "parameters"] = "uniform"
     activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    # ZeRO-Offload: fp32 master weights, gradients and Adam moments in host memory,
+    # updated by DeepSpeed's CPU Adam (a C++ op built on first use).
+    offload_optimizer: bool = False
 
     def __post_init__(self) -> None:
         _require(self.tensor >= 1, f"parallel.tensor={self.tensor}: expected >= 1")
+        _require(not (self.offload_optimizer and self.zero_stage == 0),
+                 "parallel.offload_optimizer=true: expected parallel.zero_stage >= 1 "
+                 "(DeepSpeed offloads ZeRO's optimizer partitions)")
         _require(self.pipeline >= 1, f"parallel.pipeline={self.pipeline}: expected >= 1")
         _require(self.zero_stage in (0, 1, 2, 3),
                  f"parallel.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
@@ -195,17 +210,34 @@ class TrainerConfig:
     eval_batches: int = 8
     log_interval: int = 10
     checkpoint_interval: int = 0  # 0: only at the end
+    # Also checkpoint every this many minutes of wall time (0: off); SIGUSR1
+    # saves at the next step, SIGTERM saves and exits with status 75.
+    checkpoint_minutes: float = 0.0
+    keep_last_checkpoints: int = 3  # retention: the newest N checkpoints (0: keep all)
+    keep_every_steps: int = 0  # ...plus, for good, those of steps that are multiples of M (0: none)
+    # Steps with a non-finite loss or gradient norm are skipped; more than this
+    # many in a row roll back to the newest checkpoint (skipping the data that
+    # led there) or abort.
+    max_bad_steps: int = 3
+    on_bad_steps: Literal["rollback", "abort"] = "rollback"
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.compile: of each transformer layer, or of the whole model (which
     # also fuses the fp32 cross entropy); the first steps pay the compile time.
     compile: Literal["none", "layers", "model"] = "none"
+    # Continued pretraining: weights to start from (a Hugging Face Llama
+    # directory or a .safetensors file, e.g. from pretrain-export) instead of
+    # the seed's; the optimizer starts fresh at step 0. Ignored when resuming.
+    init_from: str | None = None
 
     def __post_init__(self) -> None:
+        _require(self.init_from is None or self.init_from.strip() != "",
+                 "trainer.init_from='': expected a path or null")
         for key in ("train_steps", "micro_batch_size", "global_batch_size", "eval_batches",
                     "log_interval"):
             _require(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)}: expected > 0")
-        for key in ("eval_interval", "checkpoint_interval"):
+        for key in ("eval_interval", "checkpoint_interval", "checkpoint_minutes", "keep_last_checkpoints",
+                    "keep_every_steps", "max_bad_steps"):
             _require(getattr(self, key) >= 0, f"trainer.{key}={getattr(self, key)}: expected >= 0")
 
 

@@ -29,10 +29,11 @@ def fail(message: str) -> None:
 def to_config(raw: DictConfig) -> Config:
     values = OmegaConf.to_container(raw, resolve=True)
     values.pop("hydra", None)
+    values.pop("launcher", None)  # how pretrain-launch starts the run; not part of the run
     return from_dict(Config, values)
 
 
-def check_overrides(overrides: list[str]) -> None:
+def check_overrides(overrides: list[str]) -> DictConfig:
     """Composes the config once up front so a bad override fails in one line.
 
     Hydra reports composition errors over several lines with advice about
@@ -42,23 +43,48 @@ def check_overrides(overrides: list[str]) -> None:
 
     try:
         with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            compose(config_name="config", overrides=overrides)
+            return compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         cause = str(err.__cause__).strip().splitlines()[0] if err.__cause__ else ""
         fail(f"{first} {cause}".strip())
 
 
+def compose_config(overrides: list[str]) -> Config:
+    """The typed config `pretrain` would run with these overrides, for tools outside a run."""
+    raw = check_overrides(overrides)
+    try:
+        return to_config(raw)
+    except ConfigError as err:
+        fail(str(err))
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(raw: DictConfig) -> None:
     from data_pipeline.corpus import CorpusError, source_files
+    from launch.env import ClusterEnvError, detect
 
     try:
         cfg = to_config(raw)
-        cfg.validate_world(int(os.environ.get("WORLD_SIZE", 1)))
+        cluster = detect()  # torchrun, deepspeed, Slurm or OpenMPI variables
+        cfg.validate_world(cluster.world_size)
         source_files(cfg.data.sources)  # a missing corpus fails before the heavy imports
-    except (ConfigError, CorpusError) as err:
+        if cfg.trainer.init_from:  # so does a missing or mismatched init_from
+            from pretrain.hf_import import check_source
+
+            check_source(cfg.trainer.init_from, cfg.model)
+    except (ConfigError, CorpusError, ClusterEnvError) as err:
         fail(str(err))
+    from pretrain.checkpoint import RunDirError, resolve_resume
+
+    try:  # so does a checkpoint that is incomplete, corrupt or of another model shape
+        resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume, cfg.model)
+    except RunDirError as err:
+        fail(str(err))
+    if cluster.launched:  # each rank's output also goes to <run_dir>/logs/rank<r>.log
+        from launch.rank_log import rank_log_path, tee_output
+
+        tee_output(rank_log_path(cfg.trainer.run_dir, cluster.rank))
     from pretrain.trainer import run  # heavy imports only once the config is known to be good
 
     try:

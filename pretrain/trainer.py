@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import random
+import sys
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -27,16 +28,20 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from data_pipeline.dataset import DataParallelLoader, PackedSequenceDataset, fixed_batches
+from data_pipeline.dataset import PackedSequenceDataset, fixed_batches
 from data_pipeline.indexed import open_shard
 from data_pipeline.prepare import prepare_data
+from data_pipeline.stream_loader import build_train_loader
 from data_pipeline.tokenizer import Tokenizer
-from parallel.engine import build_engine, clips_in_loop, eval_loss, precision_dtype, train_step
+from parallel.engine import (build_engine, build_optimizer, clips_in_loop, eval_loss, precision_dtype,
+                             train_step)
 from parallel.pipeline import build_pipeline
 from parallel.rng import seed_model_parallel_rng
 from parallel.tensor import reduce_sequence_parallel_grads
 from parallel.groups import Topology, init_process_groups, resolve_device
-from pretrain import checkpoint
+from parallel.checkpointing import apply_activation_checkpointing
+from parallel.memory import MemoryReport
+from pretrain import checkpoint, faults
 from pretrain.callbacks import (
     Callback,
     Checkpointing,
@@ -48,8 +53,11 @@ from pretrain.callbacks import (
 )
 from pretrain.config import Config, ConfigError
 from pretrain.flops import FlopsMeter
+from pretrain.guard import EXIT_DIVERGED, MAX_ROLLBACKS_PER_CHECKPOINT, BadStepGuard, TrainingDiverged, \
+    skip_nonfinite_updates
 from pretrain.model import LlamaModel, transformer_config
-from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.optim import build_scheduler
+from pretrain.preemption import SaveTriggers
 
 
 @dataclass
@@ -59,6 +67,7 @@ class TrainState:
     valid_history: list = field(default_factory=list)  # (step, loss)
     last_checkpoint_step: int = -1
     train_seconds: float = 0.0
+    skipped_steps: int = 0  # updates refused for a non-finite gradient (or an fp16 overflow)
 
 
 def seed_everything(seed: int) -> None:
@@ -79,7 +88,12 @@ def load_training_data(cfg: Config, topology: Topology, log=print) -> TrainingDa
     """Rank 0 builds the tokenizer and shards; the other ranks then find them cached."""
     if not cfg.data.blend:
         if topology.rank == 0:
-            prepare_data(cfg.data, log=log)
+            if cfg.data.streaming:
+                from data_pipeline.streaming import streaming_tokenizer
+
+                streaming_tokenizer(cfg.data, log=log)
+            else:
+                prepare_data(cfg.data, log=log)
         dist.barrier()
     return training_data(cfg, log if topology.rank == 0 else (lambda *_: None))
 
@@ -96,6 +110,11 @@ def training_data(cfg: Config, log=print) -> TrainingData:
     from data_pipeline.shards import manifest_tokenizer, open_corpus, split_documents
 
     d = cfg.data
+    if d.streaming:  # no shards: a stream spec to train on, held-out documents to validate on
+        from data_pipeline.streaming import streaming_data
+
+        stream, held_out, tokenizer = streaming_data(d, log=log)
+        return TrainingData(train=stream, valid=held_out, vocab_size=tokenizer.vocab_size, tokenizer=tokenizer)
     if d.blend:
         tokenizer = Tokenizer(d.tokenizer.model or manifest_tokenizer(d.blend[0].path))
         corpora = [open_corpus(entry.path, tokenizer) for entry in d.blend]  # same tokenizer for all
@@ -133,7 +152,8 @@ def compile_model(module: torch.nn.Module, mode: str) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, topology: Topology, data: TrainingData):
+    def __init__(self, cfg: Config, topology: Topology, data: TrainingData,
+                 triggers: SaveTriggers | None = None):
         self.cfg = cfg
         self.topology = topology
         self.device = topology.device
@@ -148,18 +168,20 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size}: the tokenizer has {data.vocab_size} pieces"
             )
         dp_rank, dp_size = topology.dp_rank, topology.data
-        self.train_loader = DataParallelLoader(data.train, t.micro_batch_size, dp_rank, dp_size)
+        # The loader's state_dict() (saved in checkpoints) is collective over the
+        # data-parallel group in streaming mode: each rank's streams have their own state.
+        self.train_loader = build_train_loader(
+            data.train, t.micro_batch_size, dp_rank, dp_size,
+            group=parallel_state.get_data_parallel_group() if dp_size > 1 else None)
         self.valid_batches = fixed_batches(data.valid, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
 
         # Model and engine. Weights depend on the seed alone, not on the layout.
         seed_everything(t.seed)
         seed_model_parallel_rng(t.seed, self.device)
         dtype = precision_dtype(cfg.parallel.precision)
-        recompute = None if cfg.parallel.activation_checkpointing == "none" else cfg.parallel.activation_checkpointing
         tconfig = transformer_config(
             cfg.model, params_dtype=dtype, tensor_parallel=topology.tensor,
             pipeline_parallel=topology.pipeline, sequence_parallel=cfg.parallel.sequence_parallel,
-            recompute=recompute,
         )
         if topology.pipeline > 1:
             self.model = build_pipeline(
@@ -169,20 +191,31 @@ class Trainer:
         else:
             self.model = LlamaModel(cfg.model, tconfig, padded_vocab, seed=t.seed)
         self.num_params = cfg.model.num_params(padded_vocab)
+        # torch.utils.checkpoint around layers or core attention (megatron-core's recompute needs CUDA).
+        apply_activation_checkpointing(self.model, cfg.parallel.activation_checkpointing)
         if cfg.parallel.sequence_parallel:
             reduce_sequence_parallel_grads(self.model)
-        optimizer = build_optimizer(self.model, cfg.optim, self.device)
+        optimizer = build_optimizer(cfg, self.model, self.device)
         self.engine = build_engine(
             cfg, self.model, optimizer, build_scheduler(cfg.optim, t.train_steps), dp_size
         )
         compile_model(self.engine.module, t.compile)
         self.loop_clip = cfg.optim.grad_clip if clips_in_loop(cfg) else 0.0
+        if self.loop_clip:
+            skip_nonfinite_updates(self.engine.optimizer)
+        self.guard = BadStepGuard(t.max_bad_steps, t.on_bad_steps, fp16=cfg.parallel.precision == "fp16")
+        self.rollbacks: dict[int, int] = {}  # checkpoint step -> rollbacks to it
+        self.stop_requested = False  # set on SIGTERM, once the checkpoint is saved
+        faults.poison_loss(self.engine.module, lambda: self.state.step + 1, topology.rank)
         seed_everything(t.seed + topology.rank)  # per-rank streams from here on (dropout etc.)
 
+        self.triggers = triggers or SaveTriggers(t.checkpoint_interval, t.checkpoint_minutes, self.device)
         self.callbacks: list[Callback] = [Evaluation(t.eval_interval), ConsoleProgress(t.log_interval),
-                                          Checkpointing(t.checkpoint_interval)]
+                                          Checkpointing(self.triggers)]
         self.sinks = build_sinks(cfg) if topology.is_logging_rank else []
         self.callbacks.extend(self.sinks)
+        self.memory = MemoryReport(self.engine, cfg, topology.world_size, cfg.model.vocab_size or data.vocab_size)
+        self.callbacks.append(self.memory)
         self.flops = FlopsMeter(cfg.model, cfg.data.seq_len, padded_vocab, self.device,
                                 cfg.parallel.precision, topology.world_size, cfg.logger.peak_flops)
 
@@ -193,8 +226,11 @@ class Trainer:
             callback.on_train_start(self)
         while self.state.step < self.cfg.trainer.train_steps:
             start = time.perf_counter()
+            skipped_before = self.engine.skipped_steps
             loss, grad_norm = train_step(self.engine, self.train_loader, self.device, self.loop_clip)
             loss = self.data_parallel_mean(loss)  # also waits for the step to finish
+            skipped = self.engine.skipped_steps > skipped_before  # counted by DeepSpeed, once
+            self.state.skipped_steps += int(skipped)
             step_time = time.perf_counter() - start
             self.state.step += 1
             self.state.consumed_tokens += self.tokens_per_step
@@ -210,13 +246,19 @@ class Trainer:
                 **loss_scale(self.engine),
                 "consumed_tokens": self.state.consumed_tokens,
                 "memory_bytes": memory_bytes(self.device),
+                "skipped_steps": self.state.skipped_steps,
             }
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"step {self.state.step}: loss is {loss}")
             self.log(metrics)
+            if self.guard.check(self.state.step, loss, grad_norm, skipped) == "rollback":
+                self.rollback(self.guard.reason)
+                continue
             for callback in self.callbacks:
                 callback.on_step_end(self, metrics)
-        for callback in self.callbacks:
+            faults.kill_if("kill_after_step", self.state.step, self.topology.rank)
+            if self.stop_requested:
+                break
+        # Preempted: the checkpoint is written; evaluating now would only delay the exit.
+        for callback in self.sinks if self.stop_requested else self.callbacks:
             callback.on_train_end(self)
         return self.state
 
@@ -240,21 +282,40 @@ class Trainer:
         if self.topology.is_logging_rank:
             print(*args, flush=True)
 
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, reason: str = "") -> Path:
+        t, step = self.cfg.trainer, self.state.step
+        id_file = Path(t.run_dir) / checkpoint.WANDB_ID_FILE  # written by the W&B sink
+        wandb_run_id = id_file.read_text().strip() if id_file.is_file() else None
         client_state = {
-            "trainer": dataclasses.asdict(self.state) | {"last_checkpoint_step": self.state.step},
+            "trainer": dataclasses.asdict(self.state) | {"last_checkpoint_step": step},
             "loader": self.train_loader.state_dict(),
             "config": dataclasses.asdict(self.cfg),
             "tokenizer_hash": self.data.tokenizer.hash if self.data.tokenizer else None,
+            "wandb_run_id": wandb_run_id,
         }
-        path = checkpoint.save(self.engine, self.cfg.trainer.run_dir, self.state.step, client_state)
-        self.state.last_checkpoint_step = self.state.step
-        self.print(f"step {self.state.step:>6}  checkpoint saved to {path}")
+        files = {}
+        if self.data.tokenizer is not None:
+            files[checkpoint.TOKENIZER_FILE] = self.data.tokenizer.model_bytes
+        if wandb_run_id:
+            files[checkpoint.WANDB_ID_FILE] = wandb_run_id.encode()
+        path = checkpoint.save(
+            self.engine, t.run_dir, step, client_state, files=files, model=dataclasses.asdict(self.cfg.model),
+            world_size=self.topology.world_size, keep_last=t.keep_last_checkpoints,
+            keep_every=t.keep_every_steps,
+            before_commit=lambda: faults.kill_if("kill_in_save", step, self.topology.rank),
+        )
+        self.state.last_checkpoint_step = step
+        self.triggers.saved()
+        self.print(f"step {step:>6}  checkpoint saved to {path}" + (f" ({reason})" if reason else ""))
         self.log({"step": self.state.step, "checkpoint/step": self.state.step, "checkpoint/path": str(path)})
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        client_state = checkpoint.load(self.engine, path)
+        from pretrain import reshard
+
+        # A checkpoint of another parallel layout is resharded; DeepSpeed reloads only its own.
+        client_state = (reshard.load_resharded(self, path) if reshard.layout_changed(self, path)
+                        else checkpoint.load(self.engine, path))
         saved_hash = client_state.get("tokenizer_hash")
         if saved_hash and self.data.tokenizer and saved_hash != self.data.tokenizer.hash:
             raise checkpoint.RunDirError(
@@ -263,7 +324,27 @@ class Trainer:
             )
         self.state = TrainState(**client_state["trainer"])
         self.train_loader.load_state_dict(client_state["loader"])
+        rng = checkpoint.load_rng_state(path, self.topology.rank, self.topology.world_size)
+        if rng is not None:  # None: written by another number of ranks
+            checkpoint.restore_rng_state(rng)
         self.print(f"resumed from {path} at step {self.state.step}")
+
+    def rollback(self, reason: str) -> None:
+        """Back to the newest checkpoint, with the loader kept where it is: the data that
+        led to the bad steps is skipped, since replaying it would repeat them exactly."""
+        path = checkpoint.latest_checkpoint(self.cfg.trainer.run_dir)
+        if path is None:
+            raise TrainingDiverged(f"{reason}; no checkpoint to roll back to")
+        step = int(path.name.split("_")[-1])
+        self.rollbacks[step] = self.rollbacks.get(step, 0) + 1
+        if self.rollbacks[step] > MAX_ROLLBACKS_PER_CHECKPOINT:
+            raise TrainingDiverged(f"{reason}; rolled back to {path} {MAX_ROLLBACKS_PER_CHECKPOINT} times "
+                                   "already")
+        position = self.train_loader.state_dict()
+        self.print(f"{reason}; rolling back to {path}")
+        self.load_checkpoint(path)
+        self.train_loader.load_state_dict(position)
+        self.log({"step": self.state.step, "rollback/to_step": step})
 
     def summary(self) -> str:
         s, t = self.state, self.cfg.trainer
@@ -291,17 +372,34 @@ def run(cfg: Config, resolved_yaml: str) -> TrainState:
         # megatron-core's sequence-parallel linear layers allocate their
         # gather and reduce-scatter buffers on the current CUDA device.
         raise ConfigError("parallel.sequence_parallel=true: needs CUDA devices (trainer.device=cuda)")
+    # SIGUSR1/SIGTERM from here on are served at the first step boundary.
+    triggers = SaveTriggers(cfg.trainer.checkpoint_interval, cfg.trainer.checkpoint_minutes, device)
+    triggers.install()
     # Settle what can be known before any process group, data or model exists.
-    resume_from = checkpoint.resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume)
+    resume_from = checkpoint.resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume, cfg.model)
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device)
     cfg.validate_world(topology.world_size)
     log = print if topology.is_logging_rank else (lambda *_: None)
-    trainer = Trainer(cfg, topology, load_training_data(cfg, topology, log))
+    if resume_from is not None and topology.rank == 0:
+        checkpoint.restore_run_files(resume_from, cfg.trainer.run_dir)  # the W&B run id, before the sinks
+    trainer = Trainer(cfg, topology, load_training_data(cfg, topology, log), triggers)
+    if resume_from is None and cfg.trainer.init_from:  # continued pretraining from exported weights
+        from pretrain.hf_import import init_from
+
+        init_from(trainer, cfg.trainer.init_from)
     checkpoint.write_run_file(cfg.trainer.run_dir, "config.yaml", resolved_yaml.encode())
     checkpoint.write_run_file(cfg.trainer.run_dir, "tokenizer.model", trainer.data.tokenizer.model_bytes)
     if resume_from is not None:
         trainer.load_checkpoint(resume_from)
-    state = trainer.fit()
+    try:
+        state = trainer.fit()
+    except TrainingDiverged as err:
+        print(f"pretrain: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_DIVERGED)
+    if trainer.stop_requested:
+        trainer.print(f"step {state.step:>6}  stopped by SIGTERM with a checkpoint saved; "
+                      f"exit status {checkpoint.EXIT_PREEMPTED} asks for a requeue")
+        sys.exit(checkpoint.EXIT_PREEMPTED)
     trainer.print(trainer.summary())
     if topology.is_logging_rank:
         checkpoint.write_run_file(

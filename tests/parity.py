@@ -32,13 +32,14 @@ class PatternTokens:
 
 
 def layout_config(run_dir: Path, tensor=1, pipeline=1, zero=0, precision="fp32",
-                  sequence_parallel=False, tie=False) -> Config:
+                  sequence_parallel=False, tie=False, offload=False, checkpointing="none") -> Config:
     return from_dict(Config, {
         "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
                   "ffn_hidden_size": 128, "max_seq_len": SEQ, "tie_embeddings": tie},
         "data": {"seq_len": SEQ},
         "parallel": {"tensor": tensor, "pipeline": pipeline, "zero_stage": zero, "precision": precision,
-                     "sequence_parallel": sequence_parallel},
+                     "sequence_parallel": sequence_parallel, "offload_optimizer": offload,
+                     "activation_checkpointing": checkpointing},
         "optim": {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.1},
         "trainer": {"run_dir": str(run_dir), "train_steps": STEPS, "micro_batch_size": 2,
                     "global_batch_size": 8, "eval_interval": 0, "eval_batches": 1, "log_interval": 100,

@@ -133,15 +133,57 @@ def test_same_shards_whatever_the_workers_and_rerun_skips_finished(corpus_dir, t
     assert not list(tmp_path.glob(".*tmp*"))
 
 
-def test_node_shares_cover_the_inputs_once(corpus_dir, tokenizer, tmp_path):
-    for k in range(2):
-        preprocess(PreprocessJob([str(corpus_dir)], str(tokenizer.path), str(tmp_path), num_shards=2,
-                                 workers=1, node_rank=k, num_nodes=2), log=lambda *_: None)
+def test_node_shares_cover_the_inputs_once(corpus_dir, tokenizer, shards, tmp_path):
+    jobs = [PreprocessJob([str(corpus_dir)], str(tokenizer.path), str(tmp_path), num_shards=2,
+                          workers=1, node_rank=k, num_nodes=2) for k in range(2)]
+    for job in jobs:  # the hashes of every node first, so that the nodes can run one after the other
+        preprocess(job, log=lambda *_: None, phase="hashes")
+    for job in jobs:
+        preprocess(job, log=lambda *_: None)
     manifests = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("manifest-*.json"))]
     assert len(manifests) == 2
     inputs = manifests[0]["inputs"] + manifests[1]["inputs"]
     assert sorted(inputs) == sorted(str(p) for p in corpus_dir.iterdir()) and len(set(inputs)) == len(inputs)
-    assert open_corpus(tmp_path, tokenizer).num_documents == sum(m["documents"] for m in manifests)
+    corpus = open_corpus(tmp_path, tokenizer)
+    assert corpus.num_documents == sum(m["documents"] for m in manifests)
+    # b.jsonl.gz repeats a.jsonl's first documents from the other node: dropped there, so the
+    # two nodes together keep exactly what one node keeps.
+    owner = {name: k for k, m in enumerate(manifests) for name in m["inputs"]}
+    assert owner[str(corpus_dir / "a.jsonl")] != owner[str(corpus_dir / "b.jsonl.gz")]
+    one_node = open_corpus(shards, tokenizer)
+    assert sorted(tuple(corpus.get(i)) for i in range(corpus.num_documents)) == \
+        sorted(tuple(one_node.get(i)) for i in range(one_node.num_documents))
+
+
+def test_dedup_is_global_across_nodes_and_workers(tokenizer, tmp_path):
+    """Duplicates spread over six inputs, three nodes and two workers per node (small chunks)."""
+    docs = make_docs(120, seed=5)
+    rng = np.random.default_rng(0)
+    files = []
+    for f in range(6):
+        own = docs[f * 20:(f + 1) * 20]
+        repeated = [docs[i] for i in rng.choice(120, 12)]  # from earlier, later and the same input
+        lines = own + repeated
+        rng.shuffle(lines)
+        files.append(lines)
+        (tmp_path / f"in{f}.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in lines))
+    first_seen = list(dict.fromkeys(d for lines in files for d in lines))  # global input order
+    out = tmp_path / "out"
+    jobs = [PreprocessJob([str(tmp_path / "in*.jsonl")], str(tokenizer.path), str(out), num_shards=2, workers=2,
+                          node_rank=k, num_nodes=3, chunk_bytes=512) for k in range(3)]
+    for job in jobs:
+        preprocess(job, log=lambda *_: None, phase="hashes")
+    for job in jobs:
+        preprocess(job, log=lambda *_: None)
+    corpus = open_corpus(out, tokenizer)  # every node's manifest
+    kept = [tokenizer.decode(corpus.get(i)[:-1]) for i in range(corpus.num_documents)]
+    assert sorted(kept) == sorted(first_seen) and len(kept) == 120
+    # A node whose peers never wrote their hashes stops with one line naming the file.
+    lonely = PreprocessJob([str(tmp_path / "in*.jsonl")], str(tokenizer.path), str(tmp_path / "lonely"),
+                           workers=1, node_rank=0, num_nodes=2, node_wait_s=0.2)
+    with pytest.raises(DataError, match=r"dedup-001-of-002.npz: not written by its node"):
+        preprocess(lonely, log=lambda *_: None)
+    assert not (tmp_path / "lonely" / "manifest-000-of-002.json").exists()
 
 
 def test_parquet_saved_dataset_and_builder_inputs(tokenizer, tmp_path):

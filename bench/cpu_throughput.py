@@ -1,0 +1,194 @@
+"""`pretrain`'s training loop against a plain-PyTorch loop of the same model, in one run.
+
+Product: the real `Trainer` built from the default config (Hydra-composed, as
+`pretrain` runs it): megatron-core model, DeepSpeed engine, `Trainer.fit` with
+its metrics, console progress and metrics.jsonl; evaluation and checkpoint
+saving are left out, as the reference does neither.
+
+Reference: `bench.reference_llama.ReferenceLlama` (plain torch.nn, eager)
+starting from the product's initial weights, fed the same batches, with
+torch's AdamW under the same hyper-parameters, parameter groups, schedule and
+gradient clipping.
+
+The two train in alternating chunks (ABBA order) so that load from other
+processes falls on both alike. After the same number of steps both are
+evaluated on the run's fixed validation batches.
+
+    .venv/bin/python -m bench.cpu_throughput [--steps 300] [--chunk 20] [HYDRA OVERRIDES ...]
+    .venv/bin/python -m bench.cpu_throughput trainer.compile=none   # the product without compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import os
+import statistics
+import tempfile
+import time
+import warnings
+
+warnings.filterwarnings("ignore")
+
+import torch
+
+from bench.reference_llama import ReferenceLlama
+from pretrain.config import Config
+
+
+def compose(overrides: list[str]) -> Config:
+    """The config `pretrain` would run with these overrides."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from pretrain.main import CONFIG_DIR, to_config
+
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return to_config(hydra_compose(config_name="config", overrides=overrides))
+
+
+class ReferenceLoop:
+    """nanoGPT-style: forward, backward, clip, AdamW step, schedule step."""
+
+    def __init__(self, cfg: Config, product_model: torch.nn.Module, train_dataset, padded_vocab: int):
+        from data_pipeline.dataset import DataParallelLoader
+        from pretrain.optim import learning_rate, parameter_groups
+
+        o, t = cfg.optim, cfg.trainer
+        self.model = ReferenceLlama(cfg.model, padded_vocab)
+        self.model.load_product_weights(product_model.state_dict())
+        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr,
+                                           betas=(o.beta1, o.beta2), eps=o.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: learning_rate(step, o, t.train_steps) / o.lr)
+        self.loader = DataParallelLoader(train_dataset, t.micro_batch_size)
+        self.accumulation = t.global_batch_size // t.micro_batch_size
+        self.clip = o.grad_clip
+        self.losses: list[float] = []
+
+    def step(self) -> None:
+        total = 0.0
+        for _ in range(self.accumulation):
+            batch = next(self.loader)
+            loss = self.model(batch["tokens"], batch["labels"]).mean()
+            (loss / self.accumulation).backward()
+            total += loss.item()
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        self.losses.append(total / self.accumulation)
+
+    @torch.no_grad()
+    def evaluate(self, batches: list[dict]) -> float:
+        self.model.eval()
+        loss = sum(self.model(b["tokens"], b["labels"]).mean().item() for b in batches) / len(batches)
+        self.model.train()
+        return loss
+
+
+class LossLog:
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def log(self, record: dict) -> None:
+        if "loss" in record:
+            self.losses.append(record["loss"])
+
+    on_train_start = on_step_end = on_train_end = lambda *_: None
+
+
+def train_product(trainer, steps: int) -> None:
+    """Runs `Trainer.fit` for `steps` more steps."""
+    trainer.cfg.trainer.train_steps = trainer.state.step + steps
+    with contextlib.redirect_stdout(io.StringIO()):  # progress lines: printed, then dropped
+        trainer.fit()
+
+
+def train_reference(loop: ReferenceLoop, steps: int) -> None:
+    for _ in range(steps):
+        loop.step()
+
+
+def timed(run, *args) -> tuple[float, float]:
+    """Wall-clock and CPU seconds (all threads of this process) of one call."""
+    wall, cpu = time.perf_counter(), time.process_time()
+    run(*args)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=None, help="default: trainer.train_steps")
+    parser.add_argument("--chunk", type=int, default=20, help="steps per timed chunk")
+    parser.add_argument("--warmup", type=int, default=10, help="untimed first steps (compilation)")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `pretrain`")
+    args = parser.parse_args()
+    cfg = compose(args.overrides)
+    steps = args.steps or cfg.trainer.train_steps
+    cfg.trainer.train_steps = steps  # the schedule of both spans exactly the benchmark
+
+    from parallel.groups import init_process_groups
+    from pretrain.callbacks import Checkpointing, Evaluation
+    from pretrain.trainer import Trainer, load_training_data
+
+    with tempfile.TemporaryDirectory() as run_dir:
+        cfg.trainer.run_dir = run_dir
+        topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline,
+                                       torch.device("cpu"))
+        data = load_training_data(cfg, topology, log=lambda *_: None)
+        trainer = Trainer(cfg, topology, data)
+        padded_vocab = cfg.model.padded_vocab_size(cfg.model.vocab_size or data.vocab_size)
+        reference = ReferenceLoop(cfg, trainer.model, data.train, padded_vocab)
+        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (Evaluation, Checkpointing))]
+        product_losses = LossLog()
+        trainer.sinks.append(product_losses)
+
+        initial_valid = (trainer.evaluate(), reference.evaluate(trainer.valid_batches))
+        warm = min(args.warmup, steps)
+        warmup_seconds = (timed(train_product, trainer, warm)[0], timed(train_reference, reference, warm)[0])
+        # Per side, per chunk: (steps, wall seconds, cpu seconds).
+        chunks: dict[str, list[tuple[int, float, float]]] = {"product": [], "reference": []}
+        done, round_ = warm, 0
+        while done < steps:
+            n = min(args.chunk, steps - done)
+            order = ("product", "reference") if round_ % 2 == 0 else ("reference", "product")
+            for side in order:
+                run, obj = (train_product, trainer) if side == "product" else (train_reference, reference)
+                chunks[side].append((n, *timed(run, obj, n)))
+            done, round_ = done + n, round_ + 1
+        product_valid = trainer.evaluate()
+        reference_valid = reference.evaluate(trainer.valid_batches)
+
+    tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
+    total = {side: [sum(c[i] for c in cs) for i in range(3)] for side, cs in chunks.items()}
+    wall_rate = {side: n * tokens_per_step / wall for side, (n, wall, _) in total.items()}
+    cpu_rate = {side: n * tokens_per_step / cpu for side, (n, _, cpu) in total.items()}
+    # Adjacent chunks ran under nearly the same load: their ratio is the least noisy estimate.
+    round_ratios = [r[1] / p[1] for p, r in zip(chunks["product"], chunks["reference"])]
+    ratio = statistics.median(round_ratios)
+    last = lambda losses: statistics.fmean(losses[-10:])  # noqa: E731
+    m, t = cfg.model, cfg.trainer
+    print(f"model               {m.name}: {m.num_layers} layers x {m.hidden_size}, vocab {padded_vocab}, "
+          f"seq {cfg.data.seq_len}, global batch {t.global_batch_size} (micro {t.micro_batch_size}), "
+          f"compile={t.compile}, precision={cfg.parallel.precision}")
+    print(f"steps               {steps}: {warm} untimed warm-up (product {warmup_seconds[0]:.1f} s, "
+          f"reference {warmup_seconds[1]:.1f} s), then {len(round_ratios)} rounds of {args.chunk}, alternating")
+    print(f"machine             {os.cpu_count()} cores, torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.1f} at the end")
+    for side in ("product", "reference"):
+        per_step = sorted(wall / n * 1000 for n, wall, _ in chunks[side])
+        print(f"{side:<19} {wall_rate[side]:>8,.0f} tokens/s  {cpu_rate[side]:>8,.0f} tokens per CPU-s  "
+              f"(ms/step by chunk: median {statistics.median(per_step):.0f}, best {per_step[0]:.0f})")
+    print(f"train loss          product {last(product_losses.losses):.4f}  "
+          f"reference {last(reference.losses):.4f}  (mean of the last 10 steps)")
+    print(f"validation loss     product {product_valid:.4f}  reference {reference_valid:.4f}  "
+          f"(after {steps} steps; at step 0: {initial_valid[0]:.4f} and {initial_valid[1]:.4f})")
+    print(f"ratio               {ratio:.2f}x median of rounds (range {min(round_ratios):.2f}-"
+          f"{max(round_ratios):.2f}); {wall_rate['product'] / wall_rate['reference']:.2f}x wall-clock totals; "
+          f"{cpu_rate['product'] / cpu_rate['reference']:.2f}x CPU time  (target >= 1.2, loss no worse)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Bytes of parameters, gradients and optimizer states on each rank: measured and planned.
+
+`measure` walks what the DeepSpeed engine actually holds on this rank (module
+parameters, ZeRO-3 partitions, flat bit16 buffers, fp32 master copies, Adam
+moments, gradient partitions and buckets) and counts every storage once. It
+runs inside the first optimizer step, the moment gradients, master copies and
+moments all exist. `pretrain-plan` prints the prediction of
+`parallel.memory_plan` for a config without building anything.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import torch
+
+from parallel.memory_plan import RankMemory, plan_memory, predict_rank
+
+
+# --- measurement ----------------------------------------------------------------------------
+
+class _Ledger:
+    """Storages seen so far, each counted once, under the first category that claims it.
+
+    It keeps the storages it has counted alive, so that an address freed and
+    reused within one measurement is not mistaken for the same storage.
+    """
+
+    def __init__(self):
+        self.held: dict[int, torch.UntypedStorage] = {}
+        self.bytes = {"parameters": 0, "gradients": 0, "optimizer": 0, "master_gradients": 0}
+
+    def add(self, tensor, category: str) -> None:
+        if not isinstance(tensor, torch.Tensor) or tensor.device.type == "meta":
+            return
+        storage = tensor.untyped_storage()
+        if storage.nbytes() == 0 or storage.data_ptr() in self.held:
+            return
+        self.held[storage.data_ptr()] = storage
+        self.bytes[category] += storage.nbytes()
+
+    def walk(self, value, category: str, depth: int = 0) -> None:
+        """Tensors reachable from a DeepSpeed optimizer's attributes (lists, dicts, its helpers)."""
+        if depth > 4:
+            return
+        if isinstance(value, torch.Tensor):
+            self.add(value, category)
+            if value.grad is not None:
+                self.add(value.grad, "master_gradients" if category == "optimizer" else "gradients")
+        elif isinstance(value, (list, tuple, set)):
+            for item in value:
+                self.walk(item, category, depth + 1)
+        elif isinstance(value, dict):
+            for item in value.values():
+                self.walk(item, category, depth + 1)
+        elif type(value).__module__.startswith("deepspeed") and hasattr(value, "__dict__") \
+                and not isinstance(value, torch.nn.Module):
+            self.walk_attributes(value, category, depth + 1)
+
+    def walk_attributes(self, obj, category: str, depth: int = 0) -> None:
+        for name, value in vars(obj).items():
+            # Gradient partitions, reduction buckets ("ipg") and their flat buffers.
+            is_grad = "grad" in name.lower() or "ipg" in name.lower()
+            self.walk(value, "gradients" if is_grad else category, depth)
+
+    def memory(self, offloaded: bool) -> RankMemory:
+        b = self.bytes
+        if offloaded:  # fp32 master weights, their gradients and the moments live in host memory
+            return RankMemory(b["parameters"], b["gradients"], 0, b["optimizer"] + b["master_gradients"])
+        return RankMemory(b["parameters"], b["gradients"] + b["master_gradients"], b["optimizer"], 0)
+
+
+def innermost_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer that DeepSpeed's mixed-precision / ZeRO wrappers drive."""
+    optimizer = engine.optimizer
+    while not isinstance(optimizer, torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def record(engine, ledger: _Ledger) -> None:
+    """Adds what the engine holds right now to `ledger`.
+
+    Parameters are the module's weights as stored here (ZeRO-3: this rank's
+    partition, plus the weights it keeps whole); gradients are every gradient
+    buffer and partition; optimizer states are fp32 master copies (where they
+    are not the module's own weights) and the Adam moments.
+    """
+    for param in engine.module.parameters():
+        ledger.add(getattr(param, "ds_tensor", None), "parameters")
+        ledger.add(param.data, "parameters")
+    for param in engine.module.parameters():
+        ledger.add(param.grad, "gradients")
+    inner = innermost_optimizer(engine)
+    if inner is not engine.optimizer:
+        ledger.walk_attributes(engine.optimizer, "optimizer")
+    for group in inner.param_groups:
+        for param in group["params"]:
+            ledger.walk(param, "optimizer")
+    for state in inner.state.values():
+        ledger.walk(state, "optimizer")
+
+
+def is_offloaded(engine) -> bool:
+    return bool(engine.zero_cpu_offload())
+
+
+class FirstStepMemory:
+    """What the engine allocates for its first optimizer step, measured during that step.
+
+    DeepSpeed creates and frees gradient partitions group by group while it
+    steps, so every storage seen before and after each update of the inner
+    torch optimizer is counted (once), until the first step is over.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self._ledger = _Ledger()
+        self._measured: RankMemory | None = None
+        inner = innermost_optimizer(engine)
+        self._handles = [inner.register_step_pre_hook(self._hook), inner.register_step_post_hook(self._hook)]
+
+    def _hook(self, *_):
+        if self._ledger is None:
+            return
+        if self._engine.global_steps >= 1:  # a later step: the first one is complete
+            self._freeze()
+        else:
+            record(self._engine, self._ledger)
+
+    def _freeze(self) -> None:
+        if self._ledger is not None:
+            self._measured = self._ledger.memory(is_offloaded(self._engine))
+            self._ledger = None  # let go of the storages it kept alive
+
+    def result(self) -> RankMemory | None:
+        """The measurement, once the first step has run (None before)."""
+        if self._engine.global_steps < 1:
+            return None
+        self._freeze()
+        for handle in self._handles:  # removed here, never while the optimizer runs its hooks
+            handle.remove()
+        self._handles = []
+        return self._measured
+
+
+class MemoryReport:
+    """Logs, after the first step, each rank's measured bytes next to the plan's prediction.
+
+    A trainer callback: every rank measures its own engine; rank 0 prints one
+    line per rank and logs its own numbers to the metric sinks.
+    """
+
+    def __init__(self, engine, cfg, world_size: int, vocab_size: int):
+        self.first_step = FirstStepMemory(engine)
+        self.cfg, self.world_size, self.vocab_size = cfg, world_size, vocab_size
+        self.reported: list[dict] | None = None
+
+    def on_train_start(self, trainer) -> None: ...
+
+    def on_train_end(self, trainer) -> None: ...
+
+    def on_step_end(self, trainer, metrics: dict) -> None:
+        if self.reported is not None:
+            return
+        measured = self.first_step.result()
+        if measured is None:
+            return
+        import torch.distributed as dist
+        from megatron.core import parallel_state as ps
+
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        mine = {"rank": dist.get_rank(), "tp": ps.get_tensor_model_parallel_rank(), "pp": pp_rank,
+                "dp": ps.get_data_parallel_rank(), "measured": measured,
+                "predicted": predict_rank(self.cfg, self.world_size, pp_rank, self.vocab_size)}
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine)
+        self.reported = everyone
+        trainer.print(format_ranks(everyone))
+        trainer.log({"step": metrics["step"], **{f"memory/{k}_bytes": v for k, v in vars(measured).items()}})
+
+
+def format_ranks(ranks: list[dict]) -> str:
+    lines = ["memory per rank, measured (predicted): parameters / gradients / optimizer states / offloaded"]
+    for r in ranks:
+        m, p = r["measured"], r["predicted"]
+        cells = "  ".join(f"{_size(getattr(m, k))} ({_size(getattr(p, k))})"
+                          for k in ("parameters", "gradients", "optimizer", "offloaded"))
+        lines.append(f"  rank {r['rank']:>3} (tp {r['tp']} pp {r['pp']} dp {r['dp']}): {cells}")
+    return "\n".join(lines)
+
+
+# --- the pretrain-plan command --------------------------------------------------------------
+
+def _size(nbytes: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(nbytes) < 1024 or unit == "TiB":
+            return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
+        nbytes /= 1024
+    raise AssertionError
+
+
+def format_plan(rows: list[tuple[str, int, RankMemory]]) -> str:
+    header = f"{'rank kind':<28}{'ranks':>6}{'parameters':>13}{'gradients':>13}{'optimizer':>13}" \
+             f"{'offloaded':>13}{'device total':>15}"
+    lines = [header, "-" * len(header)]
+    for kind, count, m in rows:
+        lines.append(f"{kind:<28}{count:>6}{_size(m.parameters):>13}{_size(m.gradients):>13}"
+                     f"{_size(m.optimizer):>13}{_size(m.offloaded):>13}{_size(m.device_total):>15}")
+    return "\n".join(lines)
+
+
+def cli(argv: list[str] | None = None) -> None:
+    from pretrain.config import ConfigError
+    from pretrain.main import compose_config, fail
+
+    parser = argparse.ArgumentParser(
+        prog="pretrain-plan",
+        description="Bytes of parameters, gradients and optimizer states per rank, predicted "
+                    "for a config without allocating anything. Takes the same overrides as pretrain.",
+    )
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_8b parallel.tensor=8")
+    parser.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")
+    args = parser.parse_args(argv)
+    if args.world_size < 1:
+        fail(f"--world-size={args.world_size}: expected >= 1")
+    cfg = compose_config(args.overrides)
+    try:
+        rows = plan_memory(cfg, args.world_size)
+    except ConfigError as err:
+        fail(str(err))
+    p = cfg.parallel
+    print(f"{cfg.model.name}: {args.world_size} ranks = tensor {p.tensor} x pipeline {p.pipeline} x "
+          f"data {args.world_size // (p.tensor * p.pipeline)}, ZeRO-{p.zero_stage}, {p.precision}"
+          + (", optimizer offloaded to CPU" if p.offload_optimizer else ""))
+    print(format_plan(rows))
+
+
+if __name__ == "__main__":
+    cli(sys.argv[1:])

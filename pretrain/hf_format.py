@@ -1,0 +1,187 @@
+"""The model's weights and config in Hugging Face's Llama format, both ways.
+
+No permutation is needed for rotary embeddings: megatron-core (with
+`rotary_interleaved=False`, our setting) and Hugging Face's Llama both rotate
+the two halves of each head together (`rotate_half`), with the same
+frequencies. What differs is packing: megatron-core fuses q, k and v into one
+weight laid out per query group ([the group's q heads, its k head, its v head]
+for each group), and SwiGLU's gate and up projections into one fc1 weight
+[gate; up]. `to_hf` unpacks both, `from_hf` packs them again.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pretrain.config import ModelConfig
+
+LAYER = "decoder.layers.{i}."
+HF_LAYER = "model.layers.{i}."
+
+# Weights renamed one to one: (ours, Hugging Face's), per layer and for the whole model.
+_LAYER_RENAMES = (
+    ("input_layernorm.weight", "input_layernorm.weight"),
+    ("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
+    ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
+    ("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
+)
+_MODEL_RENAMES = (
+    ("embedding.weight", "model.embed_tokens.weight"),
+    ("decoder.final_layernorm.weight", "model.norm.weight"),
+    ("output_layer.weight", "lm_head.weight"),
+)
+
+
+class FormatError(ValueError):
+    """Weights that do not fit the model config; the message names the weight."""
+
+
+def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
+    """Every weight of the single-process model with its full shape."""
+    h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    qkv = (cfg.num_attention_heads + 2 * cfg.query_groups) * d
+    shapes = {"embedding.weight": (padded_vocab, h), "decoder.final_layernorm.weight": (h,)}
+    if not cfg.tie_embeddings:
+        shapes["output_layer.weight"] = (padded_vocab, h)
+    for i in range(cfg.num_layers):
+        prefix = LAYER.format(i=i)
+        shapes |= {
+            prefix + "input_layernorm.weight": (h,),
+            prefix + "self_attention.linear_qkv.weight": (qkv, h),
+            prefix + "self_attention.linear_proj.weight": (h, cfg.num_attention_heads * d),
+            prefix + "pre_mlp_layernorm.weight": (h,),
+            prefix + "mlp.linear_fc1.weight": (2 * f, h),
+            prefix + "mlp.linear_fc2.weight": (h, f),
+        }
+    return shapes
+
+
+def check_weights(weights: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> int:
+    """Raises FormatError unless `weights` are exactly the model's; returns the padded vocabulary."""
+    if "embedding.weight" not in weights:
+        raise FormatError(f"{source}: no embedding.weight")
+    padded_vocab = weights["embedding.weight"].shape[0]
+    expected = expected_shapes(cfg, padded_vocab)
+    missing = sorted(set(expected) - set(weights))
+    if missing:
+        raise FormatError(f"{source}: {len(missing)} weights missing, e.g. {missing[0]}")
+    unexpected = sorted(set(weights) - set(expected))
+    if unexpected:
+        raise FormatError(f"{source}: unexpected weight {unexpected[0]}")
+    for name, shape in expected.items():
+        if tuple(weights[name].shape) != shape:
+            raise FormatError(f"{source}: {name} has shape {tuple(weights[name].shape)}; "
+                              f"expected {shape} for the saved model config")
+    return padded_vocab
+
+
+def _qkv_split(cfg: ModelConfig) -> tuple[int, int, int]:
+    per_group = cfg.num_attention_heads // cfg.query_groups
+    return per_group * cfg.head_dim, cfg.head_dim, cfg.head_dim
+
+
+def to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Our single-process weights (tensors only) under Hugging Face Llama names."""
+    hf = {theirs: weights[ours] for ours, theirs in _MODEL_RENAMES if ours in weights}
+    q_rows, k_rows, v_rows = _qkv_split(cfg)
+    for i in range(cfg.num_layers):
+        ours, theirs = LAYER.format(i=i), HF_LAYER.format(i=i)
+        for a, b in _LAYER_RENAMES:
+            hf[theirs + b] = weights[ours + a]
+        qkv = weights[ours + "self_attention.linear_qkv.weight"]
+        grouped = qkv.view(cfg.query_groups, q_rows + k_rows + v_rows, cfg.hidden_size)
+        q, k, v = grouped.split((q_rows, k_rows, v_rows), dim=1)
+        hf[theirs + "self_attn.q_proj.weight"] = q.reshape(-1, cfg.hidden_size)
+        hf[theirs + "self_attn.k_proj.weight"] = k.reshape(-1, cfg.hidden_size)
+        hf[theirs + "self_attn.v_proj.weight"] = v.reshape(-1, cfg.hidden_size)
+        gate, up = weights[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
+        hf[theirs + "mlp.gate_proj.weight"] = gate
+        hf[theirs + "mlp.up_proj.weight"] = up
+    return {name: t.contiguous() for name, t in hf.items()}
+
+
+def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
+    """Hugging Face Llama weights under our single-process names (inverse of `to_hf`)."""
+
+    def take(name: str) -> torch.Tensor:
+        if name not in hf:
+            raise FormatError(f"{source}: no weight {name}")
+        return hf[name]
+
+    weights = {ours: take(theirs) for ours, theirs in _MODEL_RENAMES
+               if not (ours == "output_layer.weight" and cfg.tie_embeddings)}
+    for i in range(cfg.num_layers):
+        ours, theirs = LAYER.format(i=i), HF_LAYER.format(i=i)
+        for a, b in _LAYER_RENAMES:
+            weights[ours + a] = take(theirs + b)
+        q, k, v = (take(theirs + f"self_attn.{p}_proj.weight") for p in "qkv")
+        per_group = [t.reshape(cfg.query_groups, -1, t.shape[-1]) for t in (q, k, v)]
+        weights[ours + "self_attention.linear_qkv.weight"] = torch.cat(per_group, dim=1).reshape(-1, q.shape[-1])
+        weights[ours + "mlp.linear_fc1.weight"] = torch.cat(
+            (take(theirs + "mlp.gate_proj.weight"), take(theirs + "mlp.up_proj.weight")), dim=0)
+    check_weights(weights, cfg, source)
+    return weights
+
+
+def hf_config(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, special_ids: dict) -> dict:
+    """config.json of a `LlamaForCausalLM` computing what our model computes.
+
+    The vocabulary is the padded one (the embedding's rows); rope_theta is
+    written both as the classic top-level key and in `rope_parameters`, which
+    newer transformers versions read.
+    """
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": padded_vocab,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": cfg.ffn_hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": cfg.num_attention_heads,
+        "num_key_value_heads": cfg.query_groups,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        "rope_theta": cfg.rotary_base,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
+        "rope_scaling": None,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "initializer_range": cfg.init_std,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        **special_ids,
+    }
+
+
+# config.json key → our ModelConfig field, for the checks made before importing.
+_CONFIG_FIELDS = (
+    ("hidden_size", "hidden_size"),
+    ("intermediate_size", "ffn_hidden_size"),
+    ("num_hidden_layers", "num_layers"),
+    ("num_attention_heads", "num_attention_heads"),
+    ("num_key_value_heads", "query_groups"),
+    ("rms_norm_eps", "norm_eps"),
+    ("tie_word_embeddings", "tie_embeddings"),
+)
+
+
+def config_mismatch(hf: dict, cfg: ModelConfig) -> str | None:
+    """The first difference between a Hugging Face config.json and our model config, if any."""
+    if hf.get("model_type", "llama") != "llama":
+        return f"model_type={hf.get('model_type')!r}; expected 'llama'"
+    for theirs, ours in _CONFIG_FIELDS:
+        value = hf.get(theirs, hf.get("num_attention_heads") if theirs == "num_key_value_heads" else None)
+        if value != getattr(cfg, ours):
+            return f"{theirs}={value}, but model.{ours.replace('query_groups', 'num_query_groups')}=" \
+                   f"{getattr(cfg, ours)}"
+    theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta"))
+    if theta is not None and float(theta) != cfg.rotary_base:
+        return f"rope_theta={theta}, but model.rotary_base={cfg.rotary_base}"
+    if hf.get("head_dim") not in (None, cfg.head_dim):
+        return f"head_dim={hf['head_dim']}, but the model's head size is {cfg.head_dim}"
+    return None
