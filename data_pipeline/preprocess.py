@@ -107,8 +107,9 @@ def encode_texts(sp, texts: list[str], dtype) -> tuple[list[bytes], np.ndarray, 
     eos = sp.eos_id()
     for doc in ids:
         doc.append(eos)
-    lengths = np.fromiter((len(d) for d in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter((t for d in ids for t in d), dtype=dtype, count=int(lengths.sum()))
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+    # One array per document, then one copy: about twice as fast as iterating every token.
+    flat = np.concatenate([np.array(d, dtype=dtype) for d in ids]) if ids else np.zeros(0, dtype=dtype)
     return hashes, lengths, flat
 
 

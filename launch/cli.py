@@ -195,9 +195,12 @@ def cli() -> None:
     if not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):  # not --help, --cfg
         precheck(overrides, multirun)
     if multirun:
-        # Each point runs in <trainer.run_dir>/<num>_<its overrides>, launcher keys left out.
+        # Each point runs in <trainer.run_dir>/<num>_<its swept values>, e.g. 1_optim.lr=0.003.
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
         keys = {override_key(o) for o in overrides}
-        excluded = sorted(k for k in keys if is_launcher_key(k) or k == "trainer.run_dir")
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        excluded = sorted({o.key_or_group for o in parsed if not o.is_sweep_override()})
         defaults = {
             "hydra.sweep.dir": "${trainer.run_dir}",
             "hydra.sweep.subdir": "${hydra.job.num}_${hydra.job.override_dirname}",

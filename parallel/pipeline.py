@@ -18,7 +18,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import ModelConfig
 from pretrain.init import initialize
-from pretrain.layers import RMSNorm, rotary_frequencies
+from parallel.sequence import scatter_to_sequence_parallel_region
+from pretrain.layers import ColumnParallelLinear, RMSNorm, rotary_frequencies
 from pretrain.model import layer_spec
 
 
@@ -42,7 +43,8 @@ class EmbeddingStage(torch.nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
         if self.sequence_parallel:
-            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+            hidden = scatter_to_sequence_parallel_region(
+                hidden, parallel_state.get_tensor_model_parallel_group())
         return hidden
 
 
@@ -72,7 +74,7 @@ class HeadStage(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int):
         super().__init__()
         self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.norm_eps)
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
+        self.output_layer = ColumnParallelLinear(
             cfg.hidden_size, padded_vocab, config=config, init_method=config.init_method,
             bias=False, gather_output=False,
         )

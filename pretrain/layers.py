@@ -14,6 +14,8 @@ from megatron.core import tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from parallel import sequence
+
 
 class RMSNorm(torch.nn.Module):
     """RMSNorm whose weight is marked for the sequence-parallel all-reduce.
@@ -90,17 +92,42 @@ class SDPAttention(MegatronModule):
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
 
 
+class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
+    """megatron-core's column-parallel linear; under sequence parallelism its input
+    gather runs through `parallel.sequence`, which allocates on the input's device
+    (megatron-core's gathers into a buffer on the current CUDA device)."""
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if kwargs.get("sequence_parallel") and weight.requires_grad:
+            return sequence.sequence_parallel_linear(input, weight, kwargs.get("bias"), self.tp_group)
+        return super()._forward_impl(input, weight, *args, **kwargs)
+
+
 class RowParallelLinear(tensor_parallel.RowParallelLinear):
     """megatron-core's row-parallel linear, passing its own group to the matmul.
 
     megatron-core 0.16 passes `tp_group=None`, which makes the matmul call
     `warnings.warn` on every forward: torch.compile breaks the graph there,
-    twice per layer.
+    twice per layer. Under sequence parallelism the output's reduce-scatter
+    runs through `parallel.sequence` (device-agnostic buffers).
     """
 
     def _forward_impl(self, input, weight, *args, **kwargs):
         kwargs["tp_group"] = self.tp_group
         return super()._forward_impl(input, weight, *args, **kwargs)
+
+    def forward(self, input_):
+        if not self.sequence_parallel or self.explicit_expert_comm:
+            return super().forward(input_)
+        output_parallel = self._forward_impl(
+            input=input_, weight=self.weight, bias=None,
+            gradient_accumulation_fusion=self.gradient_accumulation_fusion,
+            allreduce_dgrad=False, sequence_parallel=False, grad_output_buffer=None,
+        )
+        output = sequence.reduce_scatter_to_sequence_parallel_region(output_parallel, self.tp_group)
+        if self.skip_bias_add:
+            return output, self.bias
+        return (output + self.bias if self.bias is not None else output), None
 
 
 def rotary_frequencies(

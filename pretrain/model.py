@@ -26,7 +26,14 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from pretrain.config import ModelConfig
 from pretrain.init import initialize
-from pretrain.layers import RMSNorm, RowParallelLinear, SDPAttention, rotary_frequencies
+from parallel.sequence import scatter_to_sequence_parallel_region
+from pretrain.layers import (
+    ColumnParallelLinear,
+    RMSNorm,
+    RowParallelLinear,
+    SDPAttention,
+    rotary_frequencies,
+)
 
 
 def transformer_config(
@@ -89,7 +96,7 @@ def layer_spec() -> ModuleSpec:
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=tensor_parallel.ColumnParallelLinear,
+                    linear_qkv=ColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=RowParallelLinear,
                     q_layernorm=IdentityOp,
@@ -101,7 +108,7 @@ def layer_spec() -> ModuleSpec:
             mlp=ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
-                    linear_fc1=tensor_parallel.ColumnParallelLinear,
+                    linear_fc1=ColumnParallelLinear,
                     linear_fc2=RowParallelLinear,
                 ),
             ),
@@ -131,7 +138,7 @@ class LlamaModel(torch.nn.Module):
             pre_process=True,
             post_process=True,
         )
-        self.output_layer = tensor_parallel.ColumnParallelLinear(
+        self.output_layer = ColumnParallelLinear(
             cfg.hidden_size,
             padded_vocab_size,
             config=config,
@@ -170,7 +177,8 @@ class LlamaModel(torch.nn.Module):
         `position_ids` [b, s] restart rotary positions, e.g. at document boundaries."""
         hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # megatron layout [s, b, h]
         if self.config.sequence_parallel:
-            hidden = tensor_parallel.scatter_to_sequence_parallel_region(hidden)
+            hidden = scatter_to_sequence_parallel_region(
+                hidden, parallel_state.get_tensor_model_parallel_group())
         rotary = self.rotary(tokens.shape[1], tokens.device)  # [s, 1, 1, d]
         if position_ids is not None:
             rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, d]

@@ -36,14 +36,17 @@ class SaveTriggers:
         self.interval_steps = interval_steps
         self.interval_seconds = interval_minutes * 60.0
         self.device = device
-        self.save_requested = False  # SIGUSR1
+        # SIGUSR1s received and served: a count, not a flag, so that a signal landing
+        # while `decide` runs is served at the next step instead of being cleared.
+        self.save_requests = 0
+        self.saves_served = 0
         self.stop_requested = False  # SIGTERM
         self.last_save = time.monotonic()
         self.previous_handlers: dict[int, object] = {}
 
     # Handlers run between bytecodes of the main thread: they only set flags.
     def _on_usr1(self, signum, frame) -> None:
-        self.save_requested = True
+        self.save_requests += 1
 
     def _on_term(self, signum, frame) -> None:
         self.stop_requested = True
@@ -66,12 +69,13 @@ class SaveTriggers:
     def decide(self, step: int) -> Decision:
         """One all-reduce of [SIGUSR1, SIGTERM, time due] over all ranks, then the rules."""
         due = self.interval_seconds > 0 and time.monotonic() - self.last_save >= self.interval_seconds
-        flags = torch.tensor([self.save_requested, self.stop_requested, due],
+        requests = self.save_requests
+        flags = torch.tensor([requests > self.saves_served, self.stop_requested, due],
                              dtype=torch.int32, device=self.device)
+        self.saves_served = requests  # served by this step's save
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         usr1, term, due = (bool(v) for v in flags.tolist())
-        self.save_requested = False  # served by this step's save
         if term:
             return Decision(save=True, stop=True, reason="SIGTERM")
         if usr1:

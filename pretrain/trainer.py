@@ -33,8 +33,8 @@ from data_pipeline.indexed import open_shard
 from data_pipeline.prepare import prepare_data
 from data_pipeline.stream_loader import build_train_loader
 from data_pipeline.tokenizer import Tokenizer
-from parallel.engine import (build_engine, build_optimizer, clips_in_loop, eval_loss, precision_dtype,
-                             train_step)
+from parallel.engine import (build_engine, build_optimizer, check_precision_supported, clips_in_loop,
+                             eval_loss, precision_dtype, train_step)
 from parallel.pipeline import build_pipeline
 from parallel.rng import seed_model_parallel_rng
 from parallel.tensor import reduce_sequence_parallel_grads
@@ -368,10 +368,7 @@ class Trainer:
 def run(cfg: Config, resolved_yaml: str) -> TrainState:
     """Everything `pretrain` does after the config is valid."""
     device = resolve_device(cfg.trainer.device)
-    if cfg.parallel.sequence_parallel and device.type != "cuda":
-        # megatron-core's sequence-parallel linear layers allocate their
-        # gather and reduce-scatter buffers on the current CUDA device.
-        raise ConfigError("parallel.sequence_parallel=true: needs CUDA devices (trainer.device=cuda)")
+    check_precision_supported(cfg.parallel.precision, device)  # before any data or model work
     # SIGUSR1/SIGTERM from here on are served at the first step boundary.
     triggers = SaveTriggers(cfg.trainer.checkpoint_interval, cfg.trainer.checkpoint_minutes, device)
     triggers.install()

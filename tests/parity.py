@@ -2,7 +2,9 @@
 
 Each layout trains `STEPS` optimizer steps on the same synthetic data with the
 same global batch, saves a checkpoint, then checks that a fresh engine loaded
-from it takes the same next step as the run that saved it.
+from it takes the same next step as the run that saved it. It also reports the
+bytes its engine allocated in the first step next to the memory plan's
+prediction for that rank.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ def train_layout(run_dir: str, **layout) -> dict:
     """Per-step losses, and the step after a checkpoint round trip, for one layout."""
     from parallel.engine import train_step
     from parallel.groups import init_process_groups
+    from parallel.memory_plan import predict_rank
     from pretrain.trainer import Trainer, TrainingData
 
     cfg = layout_config(Path(run_dir), **layout)
@@ -74,6 +77,10 @@ def train_layout(run_dir: str, **layout) -> dict:
     recorder = LossRecorder()
     trainer.callbacks.append(recorder)
     trainer.fit()  # saves a checkpoint at the last step
+    measured = trainer.memory.first_step.result()
+    predicted = predict_rank(cfg, topology.world_size, topology.pp_rank, VOCAB)
+    # Modules whose forward is wrapped in place by activation checkpointing.
+    checkpointed = sum("forward" in vars(m) for m in trainer.engine.module.modules())
     continued = trainer.data_parallel_mean(train_step(trainer.engine, trainer.train_loader, trainer.device,
                                                       trainer.loop_clip)[0])
 
@@ -84,7 +91,8 @@ def train_layout(run_dir: str, **layout) -> dict:
     resumed = restored.data_parallel_mean(train_step(restored.engine, restored.train_loader,
                                                      restored.device, restored.loop_clip)[0])
     return {"losses": recorder.losses, "continued": continued, "resumed": resumed,
-            "step": restored.state.step}
+            "step": restored.state.step, "memory": vars(measured), "predicted": vars(predicted),
+            "checkpointed": checkpointed}
 
 
 def train_layouts(root: str, layouts: dict[str, dict]) -> dict[str, dict]:

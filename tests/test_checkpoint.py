@@ -10,47 +10,19 @@ import numpy as np
 import pytest
 import torch
 
-from parity import VOCAB, PatternTokens, layout_config
+from checkpointing import make_trainer, train
+from parity import layout_config
 
 from pretrain import checkpoint
 
 
-def make_trainer(topology, run_dir: Path, **trainer_keys):
-    from pretrain.trainer import Trainer, TrainingData
-
-    layout = {k: trainer_keys.pop(k) for k in ("precision", "zero") if k in trainer_keys}
-    cfg = layout_config(run_dir, **layout)
-    cfg.trainer.eval_interval = 0
-    for key, value in trainer_keys.items():
-        setattr(cfg.trainer, key, value)
-    return Trainer(cfg, topology, TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB))
-
-
-class Record:
-    """Each step's metrics and, after it, a copy of the weights."""
-
-    def __init__(self):
-        self.metrics, self.weights = [], []
-
-    def on_train_start(self, trainer): ...
-
-    def on_step_end(self, trainer, metrics):
-        self.metrics.append(metrics)
-        self.weights.append(weights(trainer))
-
-    def on_train_end(self, trainer): ...
-
-
-def weights(trainer) -> list[torch.Tensor]:
-    return [p.detach().clone() for p in trainer.engine.module.parameters()]
-
-
-def train(trainer, steps: int) -> Record:
-    record = Record()
-    trainer.callbacks.insert(0, record)
-    trainer.cfg.trainer.train_steps = steps
-    trainer.fit()
-    return record
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: a busy 2-core machine runs several test processes at once."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def test_contents_commit_partials_and_retention(single_process_groups, tmp_path):

@@ -95,7 +95,7 @@ def two_rank_group(init_run: str, exported: str, workdir: str) -> dict:
 
     losses = {}
     for name, parallel, steps, source in (("tp2", {"tensor": 2}, 4, None),
-                                          ("pp2", {"pipeline": 2}, 4, None),
+                                          ("pp2", {"pipeline": 2, "zero_stage": 1}, 4, None),
                                           ("init_tp2", {"tensor": 2}, INIT_STEPS, exported)):
         cfg = _config(Path(init_run), {"parallel": parallel, "trainer": {
             "run_dir": str(Path(workdir) / name), "train_steps": steps, "init_from": source}})

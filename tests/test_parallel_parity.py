@@ -22,6 +22,11 @@ def bf16_tolerances(reference) -> list[float]:
 
 TWO_RANKS = {
     "tp2": {"tensor": 2},
+    # Sequence parallelism runs on CPU through parallel/sequence.py.
+    "tp2_sp": {"tensor": 2, "sequence_parallel": True},
+    # Activation checkpointing inside pipeline stages, and ZeRO-Offload with DeepSpeed's CPU Adam.
+    "pp2_full_checkpointing": {"pipeline": 2, "checkpointing": "full"},
+    "dp2_zero1_offload": {"zero": 1, "offload": True},
     "pp2": {"pipeline": 2},
     "dp2_zero0": {"zero": 0},
     "dp2_zero1": {"zero": 1},
@@ -40,7 +45,18 @@ ROOTS = {}
 @pytest.fixture(scope="module")
 def reference(single_process_groups, tmp_path_factory):
     ROOTS["single"] = root = tmp_path_factory.mktemp("single")
-    return train_layouts(str(root), {"fp32": {}, "bf16": {"precision": "bf16"}})
+    return train_layouts(str(root), SINGLE)
+
+
+# Besides the fp32 and bf16 references: activation checkpointing must not change
+# the losses at all, and ZeRO-1 in one process feeds the memory checks.
+SINGLE = {
+    "fp32": {},
+    "bf16": {"precision": "bf16"},
+    "full_checkpointing": {"checkpointing": "full"},
+    "zero1_selective_checkpointing": {"zero": 1, "checkpointing": "selective"},
+    "zero1_bf16": {"zero": 1, "precision": "bf16"},
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,6 +102,7 @@ def test_two_rank_layout_matches_single_process(reference, two_ranks, layout):
 FOUR_RANKS = {
     "tp2_dp2": {"tensor": 2, "zero": 1},
     "tp2_pp2": {"tensor": 2, "pipeline": 2},
+    "tp2_pp2_sp": {"tensor": 2, "pipeline": 2, "sequence_parallel": True},
     "pp2_dp2": {"pipeline": 2, "zero": 1},
     "tp2_dp2_bf16": {"tensor": 2, "zero": 1, "precision": "bf16"},
     "tp2_pp2_bf16": {"tensor": 2, "pipeline": 2, "zero": 1, "precision": "bf16"},
@@ -129,3 +146,47 @@ def test_checkpoints_of_every_layout_consolidate_to_the_same_model(reference, tw
     # they compute does not: compare what the gathered model computes.
     expected = consolidated_loss(ROOTS["single"] / "fp32")
     assert consolidated_loss(ROOTS[world] / layout) == pytest.approx(expected, rel=1e-4)
+
+
+@pytest.mark.parametrize("layout", [name for name in SINGLE if name not in ("fp32", "bf16")])
+def test_single_process_variants_match_the_reference(reference, layout):
+    check_layout(reference, [reference], layout, SINGLE[layout])
+
+
+CHECKPOINTED = [("single", "full_checkpointing", 4), ("single", "zero1_selective_checkpointing", 4),
+                ("two", "pp2_full_checkpointing", 2)]
+
+
+@pytest.mark.parametrize("world,layout,per_rank", CHECKPOINTED)
+def test_activation_checkpointing_wraps_every_layer(reference, two_ranks, world, layout, per_rank):
+    # The losses above equal the reference's; this checks the recomputation was really on
+    # (4 layers in one process, 2 per pipeline stage).
+    results = {"single": [reference], "two": two_ranks}[world]
+    assert [r[layout]["checkpointed"] for r in results] == [per_rank] * len(results)
+    assert reference["fp32"]["checkpointed"] == 0
+
+
+# Predicted bytes per rank (parallel/memory_plan.py) against what the engine allocated
+# (parallel/memory.py): the total and every category within 5% of the rank's total, and
+# parameters and optimizer states, which DeepSpeed allocates exactly, within 5% each.
+MEMORY_RTOL = 0.05
+
+
+def check_memory(result):
+    measured, predicted = result["memory"], result["predicted"]
+    total = sum(measured.values())
+    assert abs(sum(predicted.values()) - total) <= MEMORY_RTOL * total, (measured, predicted)
+    for key in measured:
+        assert abs(predicted[key] - measured[key]) <= MEMORY_RTOL * total, (key, measured, predicted)
+    for key in ("parameters", "optimizer", "offloaded"):
+        assert abs(predicted[key] - measured[key]) <= MEMORY_RTOL * measured[key], (key, measured, predicted)
+
+
+@pytest.mark.parametrize("world,layout", [("single", name) for name in SINGLE]
+                         + [("two", name) for name in TWO_RANKS] + [("four", name) for name in FOUR_RANKS])
+def test_memory_plan_predicts_what_each_rank_allocates(reference, two_ranks, four_ranks, world, layout):
+    results = {"single": [reference], "two": two_ranks, "four": four_ranks}[world]
+    for rank_result in results:
+        check_memory(rank_result[layout])
+    if layout == "dp2_zero1_offload":  # the optimizer states moved to host memory
+        assert all(r[layout]["memory"]["optimizer"] == 0 < r[layout]["memory"]["offloaded"] for r in results)

@@ -1,0 +1,117 @@
+"""The memory planner and `pretrain-plan`; fp16 and offload settings that cannot run.
+
+The planner's agreement with what DeepSpeed really allocates is checked per
+layout in test_parallel_parity.py, inside its training process groups.
+"""
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, TINY, run_pretrain
+from pretrain.config import Config, ConfigError, from_dict
+from parallel.memory_plan import plan_memory, stage_params
+
+GIB = 2**30
+
+
+def config(model: dict | None = None, **parallel) -> Config:
+    return from_dict(Config, {"model": model or {}, "parallel": parallel})
+
+
+LLAMA_8B = {"name": "llama_8b", "num_layers": 32, "hidden_size": 4096, "num_attention_heads": 32,
+            "num_query_groups": 8, "ffn_hidden_size": 14336, "max_seq_len": 8192,
+            "vocab_size": 128256}
+
+
+def test_8b_has_the_published_parameter_count_and_splits_it_over_tensor_and_pipeline():
+    one = config(LLAMA_8B)
+    assert stage_params(one, 128256) == [8_030_261_248]  # Llama 3 8B
+    split = config(LLAMA_8B, tensor=8, pipeline=2)
+    stages = stage_params(split, 128256)
+    layer = (4096 * (4096 + 2 * 1024) + 4096 * 4096 + 3 * 4096 * 14336) // 8 + 2 * 4096
+    embedding = 128256 // 8 * 4096
+    assert stages == [embedding + 16 * layer, 16 * layer + 4096 + embedding]
+
+
+def test_bytes_follow_the_zero_stage_precision_and_offload():
+    def per_rank(world, **parallel):
+        (_, count, memory), = plan_memory(config(LLAMA_8B, **parallel), world)
+        assert count == world
+        return memory
+
+    n = 8_030_261_248
+    fp32 = per_rank(1)
+    assert (fp32.parameters, fp32.gradients, fp32.optimizer) == (4 * n, 4 * n, 8 * n)
+    bf16 = per_rank(1, precision="bf16")
+    assert (bf16.parameters, bf16.gradients, bf16.optimizer) == (2 * n, 6 * n, 12 * n)
+    zero1 = per_rank(8, zero_stage=1, precision="bf16")
+    assert (zero1.parameters, zero1.gradients, zero1.optimizer) == (2 * n, 6 * n // 8, 12 * n // 8)
+    zero3 = per_rank(8, zero_stage=3, precision="bf16")
+    assert zero3.parameters == 2 * n // 8 and zero3.optimizer == 12 * n // 8
+    offload = per_rank(8, zero_stage=2, precision="bf16", offload_optimizer=True)
+    assert offload.optimizer == 0 and offload.offloaded == 18 * n // 8
+    assert offload.device_total < zero1.device_total / 2
+
+
+def test_pipeline_stages_with_the_same_parameters_share_a_row():
+    rows = plan_memory(config({"num_layers": 8}, pipeline=4, zero_stage=1), 8)
+    assert [(kind, count) for kind, count, _ in rows] == [
+        ("pipeline stage 0", 2), ("pipeline stages 1-2", 4), ("pipeline stage 3", 2)]
+
+
+def test_layouts_that_do_not_fit_the_world_are_one_line_errors():
+    with pytest.raises(ConfigError, match="world size 60: expected a multiple of .* = 16"):
+        plan_memory(config(LLAMA_8B, tensor=8, pipeline=2), 60)
+    with pytest.raises(ConfigError, match="model.num_query_groups=8: expected a multiple of parallel.tensor=16"):
+        plan_memory(config(LLAMA_8B, tensor=16), 16)
+    with pytest.raises(ConfigError, match="parallel.offload_optimizer=true: expected parallel.zero_stage >= 1"):
+        config(offload_optimizer=True)
+
+
+def plan(*args):
+    return subprocess.run([sys.executable, "-m", "parallel.memory", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_pretrain_plan_prints_a_table_per_rank_kind_for_8b_and_70b():
+    result = plan("model=llama_8b", "model.vocab_size=128256", "parallel.tensor=8", "parallel.pipeline=2",
+                  "parallel.zero_stage=1", "parallel.precision=bf16", "--world-size", "64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    print(result.stdout)
+    lines = result.stdout.splitlines()
+    assert lines[0] == "llama_8b: 64 ranks = tensor 8 x pipeline 2 x data 4, ZeRO-1, bf16"
+    stage0 = next(line for line in lines if line.startswith("pipeline stage 0")).split()
+    # 502M parameters per rank: 2 bytes each, then 1.5 and 3 bytes each over 4 data-parallel ranks.
+    assert stage0[3:11] == ["32", "958.0", "MiB", "718.5", "MiB", "1.4", "GiB", "0"]
+
+    result = plan("model=llama_70b", "model.vocab_size=128256", "parallel.tensor=8", "parallel.pipeline=4",
+                  "parallel.zero_stage=1", "parallel.precision=bf16", "--world-size", "64")
+    assert result.returncode == 0, result.stderr[-2000:]
+    print(result.stdout)
+    kinds = [line.split("  ")[0] for line in result.stdout.splitlines()[3:]]
+    assert kinds == ["pipeline stage 0", "pipeline stages 1-2", "pipeline stage 3"]
+
+
+def test_pretrain_plan_bad_input_is_one_line():
+    result = plan("model=llama_70b", "parallel.tensor=8", "parallel.pipeline=2", "--world-size", "60")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "pretrain: error: world size 60: expected a multiple of parallel.tensor x parallel.pipeline = 16"]
+    result = plan("model=llama_9b")
+    assert result.returncode == 2 and "model/llama_9b" in result.stderr.strip().splitlines()[-1]
+
+
+def test_fp16_on_a_cpu_without_half_kernels_is_a_one_line_error(tmp_path):
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().is_fp16_supported():
+        pytest.skip("this CPU has fp16 kernels (AVX512-FP16/AMX)")
+    result = run_pretrain(*TINY, "parallel.precision=fp16", f"trainer.run_dir={tmp_path / 'run'}",
+                          f"data.cache_dir={tmp_path / 'cache'}", "trainer.device=cpu", cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("pretrain: error:")]
+    assert errors == ["pretrain: error: parallel.precision=fp16: DeepSpeed supports fp16 on this CPU only "
+                      "with AVX512-FP16/AMX; expected bf16 or fp32 here, or trainer.device=cuda"]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()

@@ -1,0 +1,251 @@
+"""Kills, signals and resumes of real `pretrain` runs: resumed runs are bit-identical to straight ones.
+
+One process: a straight run of N steps, and a chain of runs on another
+directory: killed (-9) after a step, killed (-9) in the middle of a save,
+stopped by SIGTERM, then finished with a SIGUSR1 on the way. Every loss the
+chain logged, redone steps included, and the final weights equal the straight
+run's bit for bit. Two ranks: tensor and data parallel in-process resumes, a
+signal to one rank only, and a real kill -9 of one torchrun worker mid-save.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY, run_pretrain
+from distributed import run_distributed
+
+STEPS = 12
+COMMON = (*TINY, "trainer.eval_interval=0", "trainer.log_interval=1", "trainer.checkpoint_interval=4",
+          f"trainer.train_steps={STEPS}")
+ENV = {"OMP_NUM_THREADS": "1"}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("resume")
+
+
+def args(workdir: Path, run: str, *extra: str) -> tuple[str, ...]:
+    return (*COMMON, f"data.cache_dir={workdir / 'cache'}", f"trainer.run_dir={workdir / run}", *extra)
+
+
+def records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    from pretrain.checkpoint import complete_checkpoints
+
+    return [step for step, _ in complete_checkpoints(run_dir)]
+
+
+def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
+    states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+    return {k: v for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
+
+
+def signal_after(line_start: str, signum: int, argv: tuple[str, ...], cwd: Path) -> tuple[int, str]:
+    """Runs `pretrain`, sends `signum` once it prints a line starting with `line_start`;
+    returns the exit status and the output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env.update(ENV, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = []
+    for line in proc.stdout:  # blocks until the run prints: no timing involved
+        output.append(line)
+        if line.startswith(line_start):
+            proc.send_signal(signum)
+            break
+    output.extend(proc.stdout)
+    return proc.wait(timeout=600), "".join(output)
+
+
+@pytest.fixture(scope="module")
+def straight(workdir):
+    result = run_pretrain(*args(workdir, "straight"), cwd=workdir, env=ENV)
+    assert result.returncode == 0, result.stderr[-3000:]
+    losses = {r["step"]: r["loss"] for r in records(workdir / "straight") if "loss" in r}
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    return losses
+
+
+def test_killed_and_signalled_runs_resume_bit_exactly(workdir, straight):
+    run_dir = workdir / "chain"
+
+    killed = run_pretrain(*args(workdir, "chain"), cwd=workdir, env={**ENV, "PRETRAIN_FAULT": "kill_after_step=6"})
+    assert killed.returncode == -signal.SIGKILL
+    assert complete_steps(run_dir) == [4]
+
+    # Killed while writing step 8: the partial checkpoint is never taken for a complete one.
+    killed = run_pretrain(*args(workdir, "chain"), cwd=workdir, env={**ENV, "PRETRAIN_FAULT": "kill_in_save=8"})
+    assert killed.returncode == -signal.SIGKILL
+    assert "resumed from" in killed.stdout and "at step 4" in killed.stdout
+    partial = run_dir / "checkpoints" / "step_0000008.partial"
+    assert (partial / "mp_rank_00_model_states.pt").is_file() and not (partial / "COMPLETE").exists()
+    assert complete_steps(run_dir) == [4]
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_0000004"
+
+    # SIGTERM: a checkpoint at the next step boundary, then the requeue exit status.
+    status, output = signal_after("step      5/12", signal.SIGTERM, args(workdir, "chain"), workdir)
+    assert status == 75, output[-3000:]
+    assert "at step 4" in output and "(SIGTERM)" in output and "stopped by SIGTERM" in output
+    stopped_at = max(complete_steps(run_dir))
+    assert 5 <= stopped_at < STEPS
+    assert [r["step"] for r in records(run_dir) if "loss" in r][-1] == stopped_at  # no step after the save
+    assert not partial.exists()  # removed by the next good save
+
+    # SIGUSR1: a checkpoint at the next step boundary, and the run goes on to the end.
+    status, output = signal_after(f"step {stopped_at + 1:>6}/12", signal.SIGUSR1, args(workdir, "chain"), workdir)
+    assert status == 0, output[-3000:]
+    assert f"at step {stopped_at}" in output and "── summary" in output
+    (signalled,) = [int(line.split()[1]) for line in output.splitlines() if line.endswith("(SIGUSR1)")]
+    assert stopped_at < signalled <= STEPS
+
+    # Every step the chain logged, redone ones included, is the straight run's step.
+    chain = [(r["step"], r["loss"]) for r in records(run_dir) if "loss" in r]
+    assert sorted({s for s, _ in chain}) == list(range(1, STEPS + 1))
+    assert len(chain) > STEPS  # steps lost to the kills were redone
+    assert all(loss == straight[step] for step, loss in chain), [(s, l, straight[s]) for s, l in chain]
+    final, expected = model_weights(run_dir / "checkpoints" / "step_0000012"), \
+        model_weights(workdir / "straight" / "checkpoints" / "step_0000012")
+    assert final.keys() == expected.keys()
+    assert all(torch.equal(final[k], expected[k]) for k in expected)
+
+
+def copy_checkpoint(workdir: Path, name: str) -> Path:
+    """A run directory holding a copy of the straight run's last checkpoint."""
+    import shutil
+
+    run_dir = workdir / name
+    shutil.copytree(workdir / "straight" / "checkpoints" / "step_0000012",
+                    run_dir / "checkpoints" / "step_0000012")
+    return run_dir / "checkpoints" / "step_0000012"
+
+
+def truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name,damage,override,expected", [
+    ("truncated", lambda c: truncate(c / "mp_rank_00_model_states.pt"), "",
+     "mp_rank_00_model_states.pt: {size} bytes, the checkpoint manifest says"),
+    ("no_tokenizer", lambda c: (c / "tokenizer.model").unlink(), "", "tokenizer.model: missing from checkpoint step_0000012"),
+    ("incomplete", lambda c: (c / "COMPLETE").unlink(), "trainer.resume={checkpoint}", "incomplete checkpoint (no COMPLETE"),
+    ("model_shape", lambda c: None, "model.hidden_size=128",
+     "written for model.hidden_size=64, but the config has model.hidden_size=128"),
+])
+def test_bad_checkpoints_fail_in_one_line_and_stay(workdir, straight, name, damage, override, expected):
+    checkpoint = copy_checkpoint(workdir, f"bad_{name}")
+    damage(checkpoint)
+    before = {p.name: p.read_bytes() for p in checkpoint.iterdir()}
+    extra = (override.format(checkpoint=checkpoint),) if override else ()
+    result = run_pretrain(*args(workdir, checkpoint.parent.parent.name, *extra), cwd=workdir, env=ENV)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("pretrain: error:")]
+    size = (checkpoint / "mp_rank_00_model_states.pt").stat().st_size
+    assert len(lines) == 1 and expected.format(size=size) in lines[0], result.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in checkpoint.iterdir()} == before  # nothing written or removed
+    assert sorted(p.name for p in checkpoint.parent.parent.iterdir()) == ["checkpoints"]
+
+
+# --- two ranks ------------------------------------------------------------------------------
+
+class SignalOnce:
+    """Sends this process `signum` after `step`, on one rank only."""
+
+    def __init__(self, step: int, rank: int, signum: int):
+        self.step, self.rank, self.signum = step, rank, signum
+
+    def on_train_start(self, trainer): ...
+
+    def on_step_end(self, trainer, metrics):
+        if metrics["step"] == self.step and trainer.topology.rank == self.rank:
+            os.kill(os.getpid(), self.signum)
+
+    def on_train_end(self, trainer): ...
+
+
+def two_rank_resumes(root: str) -> dict:
+    """Per layout: a straight run, a run whose last save never completed, and its resume
+    (where rank 1 alone gets a SIGUSR1)."""
+    import torch.distributed as dist
+
+    from checkpointing import make_trainer, train, weights
+    from parallel.groups import init_process_groups
+    from pretrain import checkpoint
+
+    results = {}
+    for name, layout in {"tp2": {"tensor": 2}, "dp2_zero1": {"zero": 1}}.items():
+        topology = init_process_groups(layout.get("tensor", 1), 1, torch.device("cpu"))
+        straight = train(make_trainer(topology, Path(root) / name / "straight", **layout), 6)
+        run_dir = Path(root) / name / "resumed"
+        train(make_trainer(topology, run_dir, checkpoint_interval=3, **layout), 5)
+        if topology.rank == 0:  # the save of step 5 never finished
+            (run_dir / "checkpoints" / "step_0000005" / checkpoint.COMPLETE).unlink()
+        dist.barrier()
+        resumed = make_trainer(topology, run_dir, **layout)
+        resumed.triggers.install()
+        resumed.callbacks.insert(0, SignalOnce(step=4, rank=1, signum=signal.SIGUSR1))
+        resumed.load_checkpoint(checkpoint.resolve_resume(str(run_dir), "auto"))
+        start = resumed.state.step
+        record = train(resumed, 6)
+        resumed.triggers.uninstall()
+        results[name] = {
+            "start": start,
+            "straight": [m["loss"] for m in straight.metrics],
+            "resumed": [m["loss"] for m in record.metrics],
+            "same_weights": all(torch.equal(a, b) for a, b in zip(weights(resumed), straight.weights[-1],
+                                                                  strict=True)),
+            "complete": [s for s, _ in checkpoint.complete_checkpoints(run_dir)],
+        }
+    return results
+
+
+def test_tensor_and_data_parallel_resume_bit_exactly(tmp_path):
+    for rank, results in enumerate(run_distributed(two_rank_resumes, 2, str(tmp_path))):
+        for layout, result in results.items():
+            assert result["start"] == 3, (rank, layout)
+            assert result["resumed"] == result["straight"][3:], (rank, layout, result)
+            assert result["same_weights"], (rank, layout)
+            # Rank 1's SIGUSR1 made both ranks save at step 4; 5 was written again.
+            assert result["complete"] == [3, 4, 5, 6], (rank, layout, result["complete"])
+
+
+def test_torchrun_worker_killed_mid_save(workdir, straight):
+    """kill -9 of rank 1 while it writes step 4 (data parallel, ZeRO-1): step 2 stays the
+    newest checkpoint, and the resumed run redoes steps 3 and 4 bit-identically."""
+    run_dir = workdir / "torchrun_dp2"
+
+    def torchrun(*extra_env):
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        env.update(ENV, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **dict(extra_env))
+        return subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "pretrain.main", *args(workdir, "torchrun_dp2", "parallel.zero_stage=1",
+                                          "trainer.train_steps=6", "trainer.checkpoint_interval=2")],
+            cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+    killed = torchrun(("PRETRAIN_FAULT", "kill_in_save=4@1"))
+    assert killed.returncode != 0
+    assert complete_steps(run_dir) == [2]
+    partial = run_dir / "checkpoints" / "step_0000004.partial"
+    assert partial.is_dir() and not (partial / "COMPLETE").exists()
+    before = {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+    assert sorted(before) == [1, 2, 3, 4]
+
+    resumed = torchrun()
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "at step 2" in resumed.stdout
+    after = [(r["step"], r["loss"]) for r in records(run_dir) if "loss" in r][4:]
+    assert [s for s, _ in after] == [3, 4, 5, 6]
+    assert [loss for s, loss in after if s in before] == [before[3], before[4]]
+    assert complete_steps(run_dir) == [2, 4, 6] and not partial.exists()
