@@ -20,8 +20,11 @@ train: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# CPU benchmarks; each prints its ratio against a reference measured in the same run.
+# CPU benchmarks; each prints its ratio against a reference measured in the same run
+# (results and the machines they ran on: docs/benchmarks.md). The GPU one is run by hand.
 bench: $(STAMP)
+	$(PY) -m bench.cpu_throughput
+	$(PY) -m bench.step_overhead
 	$(PY) -m bench.data_preprocess
 	$(PY) -m bench.data_loader
 

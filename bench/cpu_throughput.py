@@ -21,8 +21,6 @@ evaluated on the run's fixed validation batches.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import os
 import statistics
 import tempfile
@@ -33,18 +31,9 @@ warnings.filterwarnings("ignore")
 
 import torch
 
+from bench.product_loop import build_trainer, compose, run_steps
 from bench.reference_llama import ReferenceLlama
 from pretrain.config import Config
-
-
-def compose(overrides: list[str]) -> Config:
-    """The config `pretrain` would run with these overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
-
-    from pretrain.main import CONFIG_DIR, to_config
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=overrides))
 
 
 class ReferenceLoop:
@@ -99,13 +88,6 @@ class LossLog:
     on_train_start = on_step_end = on_train_end = lambda *_: None
 
 
-def train_product(trainer, steps: int) -> None:
-    """Runs `Trainer.fit` for `steps` more steps."""
-    trainer.cfg.trainer.train_steps = trainer.state.step + steps
-    with contextlib.redirect_stdout(io.StringIO()):  # progress lines: printed, then dropped
-        trainer.fit()
-
-
 def train_reference(loop: ReferenceLoop, steps: int) -> None:
     for _ in range(steps):
         loop.step()
@@ -129,25 +111,16 @@ def main() -> None:
     steps = args.steps or cfg.trainer.train_steps
     cfg.trainer.train_steps = steps  # the schedule of both spans exactly the benchmark
 
-    from parallel.groups import init_process_groups
-    from pretrain.callbacks import Checkpointing, Evaluation
-    from pretrain.trainer import Trainer, load_training_data
-
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg.trainer.run_dir = run_dir
-        topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline,
-                                       torch.device("cpu"))
-        data = load_training_data(cfg, topology, log=lambda *_: None)
-        trainer = Trainer(cfg, topology, data)
-        padded_vocab = cfg.model.padded_vocab_size(cfg.model.vocab_size or data.vocab_size)
-        reference = ReferenceLoop(cfg, trainer.model, data.train, padded_vocab)
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (Evaluation, Checkpointing))]
+        trainer = build_trainer(cfg, run_dir)
+        padded_vocab = trainer.model.padded_vocab_size
+        reference = ReferenceLoop(cfg, trainer.model, trainer.data.train, padded_vocab)
         product_losses = LossLog()
         trainer.sinks.append(product_losses)
 
         initial_valid = (trainer.evaluate(), reference.evaluate(trainer.valid_batches))
         warm = min(args.warmup, steps)
-        warmup_seconds = (timed(train_product, trainer, warm)[0], timed(train_reference, reference, warm)[0])
+        warmup_seconds = (timed(run_steps, trainer, warm)[0], timed(train_reference, reference, warm)[0])
         # Per side, per chunk: (steps, wall seconds, cpu seconds).
         chunks: dict[str, list[tuple[int, float, float]]] = {"product": [], "reference": []}
         done, round_ = warm, 0
@@ -155,7 +128,7 @@ def main() -> None:
             n = min(args.chunk, steps - done)
             order = ("product", "reference") if round_ % 2 == 0 else ("reference", "product")
             for side in order:
-                run, obj = (train_product, trainer) if side == "product" else (train_reference, reference)
+                run, obj = (run_steps, trainer) if side == "product" else (train_reference, reference)
                 chunks[side].append((n, *timed(run, obj, n)))
             done, round_ = done + n, round_ + 1
         product_valid = trainer.evaluate()

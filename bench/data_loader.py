@@ -5,7 +5,11 @@ micro-batches (tokens/s delivered), then times forward + backward + AdamW
 steps of the default model (configs/model/tiny.yaml, default batch and
 sequence length) on this machine and prints the ratio (target >= 20).
 
-    .venv/bin/python -m bench.data_loader [--batches 200] [--steps 3]
+With `--streaming`, the loader is the streaming one (data.streaming=true:
+raw stdlib text cleaned, tokenized and packed on the fly by
+data.streaming_workers processes) instead of the indexed shards.
+
+    .venv/bin/python -m bench.data_loader [--batches 200] [--steps 3] [--streaming]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batches", type=int, default=200)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--streaming", action="store_true", help="time the streaming loader instead")
     args = parser.parse_args()
     cfg = Config()
     d, t = cfg.data, cfg.trainer
@@ -36,8 +41,14 @@ def main() -> None:
     corpus = open_corpus(prepared.corpus, prepared.tokenizer)
     train_docs, _ = split_documents(corpus.num_documents, d.valid_fraction, d.seed)
     dataset = PackedSequenceDataset(corpus, d.seq_len, d.seed, documents=train_docs)
-    loader = DataParallelLoader(dataset, t.micro_batch_size)
-    next(loader)
+    if args.streaming:
+        from data_pipeline.stream_loader import StreamingLoader
+        from data_pipeline.streaming import stream_spec
+
+        loader = StreamingLoader(stream_spec(d, prepared.tokenizer), t.micro_batch_size)
+    else:
+        loader = DataParallelLoader(dataset, t.micro_batch_size)
+    next(loader)  # the streaming workers start here
     start = time.perf_counter()
     for _ in range(args.batches):
         batch = next(loader)
@@ -65,7 +76,8 @@ def main() -> None:
         step()
     step_rate = args.steps * t.global_batch_size * d.seq_len / (time.perf_counter() - start)
 
-    print(f"loader              {loader_rate:,.0f} tokens/s (micro-batch {t.micro_batch_size} x {d.seq_len})")
+    kind = f"streaming, {d.streaming_workers} workers" if args.streaming else "indexed"
+    print(f"loader              {loader_rate:,.0f} tokens/s ({kind}, micro-batch {t.micro_batch_size} x {d.seq_len})")
     print(f"training step       {step_rate:,.0f} tokens/s (default model {cfg.model.name}, CPU)")
     print(f"ratio               {loader_rate / step_rate:.1f}x  (target >= 20)")
 

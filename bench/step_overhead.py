@@ -6,7 +6,8 @@ it) under torch.profiler. The DeepSpeed engine's `forward`, `backward` and
 compute); the whole `fit` call is one range too. Everything else in the loop
 is overhead: drawing and collating the batch, moving it to the device, the
 loss read-back, metrics, logging and callbacks. Evaluation and checkpoint
-saving (every few hundred steps, not per step) are left out. The overhead
+saving (every few hundred steps, not per step) are left out (see
+`bench.product_loop`). The overhead
 parts are wrapped in ranges of their own, so the profile also says where it
 goes.
 
@@ -20,9 +21,7 @@ unprofiled pass; both fractions are printed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
-import io
 import os
 import tempfile
 import time
@@ -34,7 +33,7 @@ warnings.filterwarnings("ignore")
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from bench.cpu_throughput import compose
+from bench.product_loop import build_trainer, compose, run_steps
 
 COMPUTE = ("forward", "backward", "clip", "optimizer")
 
@@ -78,12 +77,6 @@ def instrument(trainer, ranges: Ranges) -> None:
         callback.on_step_end = ranges.wrap(f"callback {type(callback).__name__}", callback.on_step_end)
 
 
-def run_steps(trainer, steps: int) -> None:
-    trainer.cfg.trainer.train_steps = trainer.state.step + steps
-    with contextlib.redirect_stdout(io.StringIO()):
-        trainer.fit()
-
-
 def profiled_ranges(prof) -> dict[str, float]:
     """Seconds per `bench/` range, from the profiler's own events."""
     totals: dict[str, float] = defaultdict(float)
@@ -103,6 +96,8 @@ def report(title: str, seconds: dict[str, float], steps: int) -> float:
         if name != "fit":
             kind = "compute " if name in COMPUTE else "overhead"
             print(f"    {kind}  {name:<28} {value / steps * 1000:8.2f} ms/step  {100 * value / total:6.2f}%")
+    rest = overhead - sum(v for k, v in seconds.items() if k != "fit" and k not in COMPUTE)
+    print(f"    overhead  {'rest of the loop':<28} {rest / steps * 1000:8.2f} ms/step  {100 * rest / total:6.2f}%")
     return overhead / total
 
 
@@ -114,15 +109,8 @@ def main() -> None:
     args = parser.parse_args()
     cfg = compose(args.overrides)
 
-    from parallel.groups import init_process_groups
-    from pretrain.callbacks import Checkpointing, Evaluation
-    from pretrain.trainer import Trainer, load_training_data
-
     with tempfile.TemporaryDirectory() as run_dir:
-        cfg.trainer.run_dir = run_dir
-        topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
-        trainer = Trainer(cfg, topology, load_training_data(cfg, topology, log=lambda *_: None))
-        trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, (Evaluation, Checkpointing))]
+        trainer = build_trainer(cfg, run_dir)
         ranges = Ranges()
         instrument(trainer, ranges)
         run_steps(trainer, args.warmup)

@@ -63,7 +63,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
             for block, delta in stream_batches(self.spec, stream, self.num_streams, state, self.frontier,
                                                self.micro_batch_size):
                 yield "batch", local, block, delta
-        except (CorpusError, OSError, ValueError) as err:  # bad input: reported by the training process
+        except (CorpusError, OSError) as err:  # bad input: reported by the training process
             yield "error", local, str(err).strip().splitlines()[0], None
 
 

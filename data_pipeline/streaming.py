@@ -38,7 +38,7 @@ from typing import Iterator
 
 import numpy as np
 
-from data_pipeline.cleaning import CleaningConfig, DataError, Report, clean_records, content_hash
+from data_pipeline.cleaning import CleaningConfig, DataError, Report, clean_records, content_hash, nbytes
 from data_pipeline.dataset import EodOptions, collate
 from data_pipeline.sources import Input, read_records, resolve_inputs
 
@@ -134,13 +134,15 @@ def stream_documents(
             stage = report.stages["dedup"]
             if is_held_out(digest, spec.valid_fraction) != (split == "valid"):
                 continue  # the other split's document: neither counted nor remembered here
+            size = nbytes(text)
             stage.docs_in += 1
-            stage.bytes_in += len(text)
-            if dedup and digest in seen:
-                continue
-            seen.add(digest)
+            stage.bytes_in += size
+            if dedup:
+                if digest in seen:
+                    continue
+                seen.add(digest)
             stage.docs_out += 1
-            stage.bytes_out += len(text)
+            stage.bytes_out += size
             yield after(position, len(item.payload)), text, digest
 
 
@@ -167,6 +169,7 @@ def stream_batches(
     eos, width = sp.eos_id(), spec.seq_len + 1
     position = position_of(state)
     buffer, shared, samples = list(state["buffer"]), state["shared"], state["samples"]
+    head = 0  # buffer[head:] is unsent; a long document is not shifted down sample by sample
     seen = {state["seen"][k:k + 16] for k in range(0, len(state["seen"]), 16)}
     report = Report.from_dict(state["report"])
     new_seen: list[bytes] = []
@@ -176,12 +179,14 @@ def stream_batches(
     while True:
         block = []
         while len(block) < micro_batch_size:
-            if len(buffer) >= width:
-                block.append(buffer[:width])
-                del buffer[:spec.seq_len]  # the last token is the next sample's first input
+            if len(buffer) - head >= width:
+                block.append(buffer[head:head + width])
+                head += spec.seq_len  # the last token is the next sample's first input
                 shared = True
                 samples += 1
                 continue
+            del buffer[:head]
+            head = 0
             document = next(documents, None)
             if document is None:  # end of the pass: start the next one
                 if whole_pass and pass_tokens == 0:
@@ -199,8 +204,9 @@ def stream_batches(
             ids.append(eos)
             buffer.extend(ids)
             pass_tokens += len(ids)
-            new_seen.append(digest)
-        delta = {**asdict(position), "buffer": list(buffer), "shared": shared, "samples": samples,
+            if spec.cleaning.dedup:
+                new_seen.append(digest)
+        delta = {**asdict(position), "buffer": buffer[head:], "shared": shared, "samples": samples,
                  "seen": b"".join(new_seen), "reset_seen": reset_seen, "report": report.to_dict()}
         new_seen, reset_seen = [], False
         yield np.asarray(block, dtype=np.int64), delta

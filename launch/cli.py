@@ -117,7 +117,7 @@ def plan(raw: DictConfig) -> tuple[Launcher, Config]:
 
 
 def launch(raw: DictConfig) -> int:
-    from launch.commands import deepspeed_command, torchrun_command
+    from launch.commands import TORCHRUN_ENV, deepspeed_command, torchrun_command
     from launch.local import run_command, run_local
     from launch.rendezvous import free_port
     from launch.slurm import submit_slurm
@@ -138,7 +138,7 @@ def launch(raw: DictConfig) -> int:
             return run_local(launcher, overrides)
         if launcher.kind == "torchrun":
             return run_command(torchrun_command(launcher, overrides, probe=not launcher.dry_run),
-                               launcher.dry_run)
+                               launcher.dry_run, TORCHRUN_ENV)
         if launcher.kind == "deepspeed":
             command = deepspeed_command(launcher, overrides, launcher.master_port or free_port())
             return run_command(command, launcher.dry_run)

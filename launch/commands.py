@@ -19,6 +19,12 @@ from pretrain.config import ConfigError
 
 TRAIN_MODULE = "pretrain.main"
 
+# torchrun's workers otherwise share the rendezvous store across restarts, and a
+# restarted rank can read the gloo address a peer published in the previous
+# attempt (connection refused). Without sharing, each attempt's rank 0 serves a
+# fresh store.
+TORCHRUN_ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+
 
 def torchrun_command(cfg: TorchrunLauncher, overrides: list[str], probe: bool = True) -> list[str]:
     """`python -m torch.distributed.run ...`; with `probe`, a node that is not the

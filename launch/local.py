@@ -99,10 +99,10 @@ def run_local(cfg: LocalLauncher, overrides: list[str]) -> int:
     return supervise(procs, [f"[rank {rank}] " if n > 1 else "" for rank in range(n)])
 
 
-def run_command(command: list[str], dry_run: bool) -> int:
+def run_command(command: list[str], dry_run: bool, env: dict[str, str] | None = None) -> int:
     """torchrun or the deepspeed launcher as one child; its output passes through untouched."""
     print(subprocess.list2cmdline(command), flush=True)
     if dry_run:
         return 0
-    proc = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    proc = subprocess.Popen(command, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     return supervise([proc], [""])

@@ -18,6 +18,7 @@ import os
 import signal
 import sys
 
+from launch.commands import TORCHRUN_ENV
 from launch.env import first_slurm_host, slurm_port
 
 
@@ -41,6 +42,7 @@ def torchrun_argv(argv: list[str], env: dict[str, str]) -> list[str]:
 
 def main() -> None:
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    os.environ.update(TORCHRUN_ENV)
     argv = torchrun_argv(sys.argv[1:], dict(os.environ))
     print("pretrain-launch: node", os.environ.get("SLURM_NODEID", "?"), ":", " ".join(argv), flush=True)
     os.execv(argv[0], argv)

@@ -100,7 +100,24 @@ def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel
         mpu=None if isinstance(model, PipelineModule) else MegatronMPU,
         dist_init_required=False,
     )
+    if isinstance(engine, PipelineEngine) and cfg.parallel.precision == "fp32" and cfg.parallel.zero_stage == 0:
+        keep_clipped_norm(engine)
     return engine
+
+
+def keep_clipped_norm(engine) -> None:
+    """Records the gradient norm of DeepSpeed's plain fp32 clipping.
+
+    The pipeline engine without ZeRO clips through `clip_fp32_gradients`,
+    which computes the global norm and drops it, so `get_global_grad_norm`
+    would report nothing; this keeps it for logging and the bad-step checks.
+    """
+
+    def clip() -> None:
+        engine._global_grad_norm = clip_grad_norm_(
+            parameters=engine.module.parameters(), max_norm=engine.gradient_clipping(), mpu=engine.mpu)
+
+    engine.clip_fp32_gradients = clip
 
 
 def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,10 +1,10 @@
 """Bytes of parameters, gradients and optimizer states on each rank: measured and planned.
 
-`measure` walks what the DeepSpeed engine actually holds on this rank (module
+`record` walks what the DeepSpeed engine actually holds on this rank (module
 parameters, ZeRO-3 partitions, flat bit16 buffers, fp32 master copies, Adam
-moments, gradient partitions and buckets) and counts every storage once. It
-runs inside the first optimizer step, the moment gradients, master copies and
-moments all exist. `pretrain-plan` prints the prediction of
+moments, gradient partitions and buckets) and counts every storage once.
+`FirstStepMemory` runs it inside the first optimizer step, while gradients,
+master copies and moments all exist. `pretrain-plan` prints the prediction of
 `parallel.memory_plan` for a config without building anything.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+
 import torch
 
 from parallel.memory_plan import RankMemory, plan_memory, predict_rank
@@ -117,13 +118,19 @@ class FirstStepMemory:
         self._engine = engine
         self._ledger = _Ledger()
         self._measured: RankMemory | None = None
+        self._start: int | None = None  # the engine's step count when the measured step began
         inner = innermost_optimizer(engine)
         self._handles = [inner.register_step_pre_hook(self._hook), inner.register_step_post_hook(self._hook)]
+
+    def _done(self) -> bool:
+        return self._start is not None and self._engine.global_steps > self._start
 
     def _hook(self, *_):
         if self._ledger is None:
             return
-        if self._engine.global_steps >= 1:  # a later step: the first one is complete
+        if self._start is None:  # a resumed run starts counting where its checkpoint left off
+            self._start = self._engine.global_steps
+        if self._done():
             self._freeze()
         else:
             record(self._engine, self._ledger)
@@ -135,7 +142,7 @@ class FirstStepMemory:
 
     def result(self) -> RankMemory | None:
         """The measurement, once the first step has run (None before)."""
-        if self._engine.global_steps < 1:
+        if not self._done():
             return None
         self._freeze()
         for handle in self._handles:  # removed here, never while the optimizer runs its hooks
@@ -148,7 +155,7 @@ class MemoryReport:
     """Logs, after the first step, each rank's measured bytes next to the plan's prediction.
 
     A trainer callback: every rank measures its own engine; rank 0 prints one
-    line per rank and logs its own numbers to the metric sinks.
+    line per rank.
     """
 
     def __init__(self, engine, cfg, world_size: int, vocab_size: int):
@@ -177,7 +184,6 @@ class MemoryReport:
         dist.all_gather_object(everyone, mine)
         self.reported = everyone
         trainer.print(format_ranks(everyone))
-        trainer.log({"step": metrics["step"], **{f"memory/{k}_bytes": v for k, v in vars(measured).items()}})
 
 
 def format_ranks(ranks: list[dict]) -> str:

@@ -291,15 +291,20 @@ class Checkpointing(Callback):
         self.triggers.saved()  # minutes count from the start of training
 
     def on_step_end(self, trainer, metrics):
-        decision = self.triggers.decide(metrics["step"])
+        writer = trainer.writer
+        decision = self.triggers.decide(metrics["step"], writing=writer is not None and writer.busy())
+        if decision.written:  # every rank has its background checkpoint on disk
+            trainer.finish_pending_save()
         if decision.save and trainer.state.last_checkpoint_step != trainer.state.step:
             trainer.save_checkpoint(decision.reason)
         if decision.stop:
+            trainer.finish_pending_save()
             trainer.stop_requested = True
 
     def on_train_end(self, trainer):
         if trainer.state.last_checkpoint_step != trainer.state.step:
             trainer.save_checkpoint()
+        trainer.finish_pending_save()
 
 
 def memory_bytes(device: torch.device) -> int:

@@ -220,12 +220,14 @@ def write_atomic(target: Path, data: bytes) -> None:
 
 def save(engine, run_dir: str, step: int, client_state: dict, *, files: dict[str, bytes] | None = None,
          model: dict | None = None, world_size: int = 1, keep_last: int = 0, keep_every: int = 0,
-         before_commit=None) -> Path:
+         before_commit=None, writer=None):
     """Writes the checkpoint of `step` on every rank and commits it; returns its path.
 
     `files` are extra small files rank 0 puts beside the engine state; `model`
     (the model config) goes into the manifest; `before_commit` is called once
-    every rank's files are on disk and before the manifest is written.
+    every rank's files are on disk and before the manifest is written. With a
+    `writer` (an `async_save.BackgroundWriter` installed on the engine) the files
+    are written in the background and a `PendingSave` to commit later is returned.
     """
     root = checkpoint_root(run_dir)
     final, staging = root / tag_for(step), root / (tag_for(step) + PARTIAL)
@@ -236,17 +238,23 @@ def save(engine, run_dir: str, step: int, client_state: dict, *, files: dict[str
     _barrier()
     # We own the pointer: DeepSpeed's would name a checkpoint before it is complete.
     engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    torch.save(capture_rng_state(), staging / rng_file(rank))
+    (writer.save if writer is not None else torch.save)(capture_rng_state(), staging / rng_file(rank))
     if rank == 0:
         for name, data in (files or {}).items():
             (staging / name).write_bytes(data)
+    facts = {"step": step, "world_size": world_size, "model": model}
+    if writer is not None:
+        from pretrain.async_save import PendingSave
+
+        writer.start(staging)
+        return PendingSave(root, staging, final, facts, run_dir, keep_last, keep_every, rank)
     if before_commit is not None:
         before_commit()
     _barrier()  # every rank has written
     fsync_tree(staging)
     _barrier()  # every rank's files are on disk
     if rank == 0:
-        commit(root, staging, final, {"step": step, "world_size": world_size, "model": model})
+        commit(root, staging, final, facts)
         remove_leftovers(root, keep=final)
         prune(run_dir, keep_last, keep_every, keep=step)
     _barrier()

@@ -215,6 +215,9 @@ class TrainerConfig:
     checkpoint_minutes: float = 0.0
     keep_last_checkpoints: int = 3  # retention: the newest N checkpoints (0: keep all)
     keep_every_steps: int = 0  # ...plus, for good, those of steps that are multiples of M (0: none)
+    # Copy the state to CPU memory and write it in a background thread (committed
+    # once every rank has written it); the step stalls only for the copy.
+    async_checkpoint: bool = False
     # Steps with a non-finite loss or gradient norm are skipped; more than this
     # many in a row roll back to the newest checkpoint (skipping the data that
     # led there) or abort.
@@ -224,7 +227,9 @@ class TrainerConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.compile: of each transformer layer, or of the whole model (which
     # also fuses the fp32 cross entropy); the first steps pay the compile time.
-    compile: Literal["none", "layers", "model"] = "none"
+    # auto: the whole model on one process where torch.compile can build
+    # kernels (CUDA, or CPU with a C++ compiler), none elsewhere.
+    compile: Literal["auto", "none", "layers", "model"] = "none"
     # Continued pretraining: weights to start from (a Hugging Face Llama
     # directory or a .safetensors file, e.g. from pretrain-export) instead of
     # the seed's; the optimizer starts fresh at step 0. Ignored when resuming.

@@ -95,7 +95,10 @@ def init_from(trainer, source: str) -> None:
     """Loads `source` into `trainer`'s model (any layout); the optimizer state stays fresh."""
     from parallel.engine_state import canonical_parameters, write_state
 
-    cfg = trainer.cfg.model
+    cfg, parallel = trainer.cfg.model, trainer.cfg.parallel
+    if parallel.zero_stage == 3 or parallel.precision == "fp16":
+        raise ConfigError(f"{KEY}={source} with parallel.zero_stage={parallel.zero_stage}, "
+                          f"parallel.precision={parallel.precision}: expected ZeRO stage 0-2 and fp32 or bf16")
     check_tokenizer(source, trainer)
     weights = read_weights(source, cfg)
     rows = weights["embedding.weight"].shape[0]

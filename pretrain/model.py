@@ -49,6 +49,8 @@ def transformer_config(
 
     Every CUDA-only fusion is switched off. megatron-core's own initialisation
     is skipped: `pretrain.init` draws the weights, the same for every layout.
+    `recompute` selects megatron-core's own recomputation, which needs CUDA;
+    training uses `parallel.checkpointing` instead, which runs anywhere.
     """
     return TransformerConfig(
         num_layers=cfg.num_layers,

@@ -27,6 +27,7 @@ class Decision:
     save: bool
     stop: bool
     reason: str
+    written: bool = True  # no rank is still writing a background checkpoint
 
 
 class SaveTriggers:
@@ -66,22 +67,23 @@ class SaveTriggers:
     def saved(self) -> None:
         self.last_save = time.monotonic()
 
-    def decide(self, step: int) -> Decision:
-        """One all-reduce of [SIGUSR1, SIGTERM, time due] over all ranks, then the rules."""
+    def decide(self, step: int, writing: bool = False) -> Decision:
+        """One all-reduce of [SIGUSR1, SIGTERM, time due, still writing] over all ranks, then
+        the rules."""
         due = self.interval_seconds > 0 and time.monotonic() - self.last_save >= self.interval_seconds
         requests = self.save_requests
-        flags = torch.tensor([requests > self.saves_served, self.stop_requested, due],
+        flags = torch.tensor([requests > self.saves_served, self.stop_requested, due, writing],
                              dtype=torch.int32, device=self.device)
         self.saves_served = requests  # served by this step's save
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-        usr1, term, due = (bool(v) for v in flags.tolist())
+        usr1, term, due, writing = (bool(v) for v in flags.tolist())
         if term:
-            return Decision(save=True, stop=True, reason="SIGTERM")
+            return Decision(True, True, "SIGTERM", not writing)
         if usr1:
-            return Decision(save=True, stop=False, reason="SIGUSR1")
+            return Decision(True, False, "SIGUSR1", not writing)
         if due:
-            return Decision(save=True, stop=False, reason=f"{self.interval_seconds / 60:g} minutes")
+            return Decision(True, False, f"{self.interval_seconds / 60:g} minutes", not writing)
         if self.interval_steps and step % self.interval_steps == 0:
-            return Decision(save=True, stop=False, reason="interval")
-        return Decision(save=False, stop=False, reason="")
+            return Decision(True, False, "interval", not writing)
+        return Decision(False, False, "", not writing)

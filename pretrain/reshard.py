@@ -252,6 +252,10 @@ def load_resharded(trainer, path: Path) -> dict:
     from pretrain.checkpoint import RunDirError
 
     t, p = trainer.topology, trainer.cfg.parallel
+    if p.zero_stage == 3 or p.precision == "fp16":
+        raise RunDirError(f"{path}: written with {saved_layout(read_first_states(path), path)}; resuming it "
+                          f"with ZeRO stage {p.zero_stage} {p.precision} is not supported (a layout change "
+                          "needs ZeRO stage 0-2 and fp32 or bf16)")
     try:
         state = read_training_state(path, trainer.cfg.model.num_layers)
     except CheckpointError as err:

@@ -103,11 +103,14 @@ def test_rng_states_of_the_rank_come_back(single_process_groups, tmp_path):
     assert all(torch.equal(now["model_parallel"][k], saved["model_parallel"][k]) for k in saved["model_parallel"])
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp32"])
-def test_resume_is_bit_exact(single_process_groups, tmp_path, precision):
+@pytest.mark.parametrize("precision,background", [("bf16", False), ("fp32", False), ("fp32", True)],
+                         ids=["bf16", "fp32", "fp32_async"])
+def test_resume_is_bit_exact(single_process_groups, tmp_path, precision, background):
     straight = train(make_trainer(single_process_groups, tmp_path / "straight", precision=precision), 6)
-    first = make_trainer(single_process_groups, tmp_path / "resumed", precision=precision, checkpoint_interval=3)
+    first = make_trainer(single_process_groups, tmp_path / "resumed", precision=precision, checkpoint_interval=3,
+                         async_checkpoint=background)
     train(first, 5)  # steps 4 and 5 are lost with the process
+    assert first.pending_save is None and not list((tmp_path / "resumed" / "checkpoints").glob("*.partial"))
     (tmp_path / "resumed" / "checkpoints" / "step_0000005" / checkpoint.COMPLETE).unlink()  # never finished
     second = make_trainer(single_process_groups, tmp_path / "resumed", precision=precision)
     second.load_checkpoint(checkpoint.resolve_resume(str(tmp_path / "resumed"), "auto"))

@@ -215,8 +215,8 @@ def test_tensor_and_data_parallel_resume_bit_exactly(tmp_path):
             assert result["start"] == 3, (rank, layout)
             assert result["resumed"] == result["straight"][3:], (rank, layout, result)
             assert result["same_weights"], (rank, layout)
-            # Rank 1's SIGUSR1 made both ranks save at step 4; 5 was written again.
-            assert result["complete"] == [3, 4, 5, 6], (rank, layout, result["complete"])
+            # Rank 1's SIGUSR1 made both ranks save at step 4, which removed the unfinished 5.
+            assert result["complete"] == [3, 4, 6], (rank, layout, result["complete"])
 
 
 def test_torchrun_worker_killed_mid_save(workdir, straight):
@@ -231,7 +231,7 @@ def test_torchrun_worker_killed_mid_save(workdir, straight):
         return subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
              "-m", "pretrain.main", *args(workdir, "torchrun_dp2", "parallel.zero_stage=1",
-                                          "trainer.train_steps=6", "trainer.checkpoint_interval=2")],
+                                          "trainer.micro_batch_size=4", "trainer.train_steps=6", "trainer.checkpoint_interval=2")],
             cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
 
     killed = torchrun(("PRETRAIN_FAULT", "kill_in_save=4@1"))
