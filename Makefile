@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) -m bench.step_overhead
 	$(PY) -m bench.data_preprocess
 	$(PY) -m bench.data_loader
+	$(PY) -m bench.checkpoint_io
 
 clean:
 	rm -rf runs .cache .pytest_cache

@@ -48,8 +48,9 @@ class ReferenceLoop:
         self.model.load_product_weights(product_model.state_dict())
         self.optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr,
                                            betas=(o.beta1, o.beta2), eps=o.eps)
+        total_steps = t.train_steps  # read now: the product's chunks move cfg.trainer.train_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate(step, o, t.train_steps) / o.lr)
+            self.optimizer, lambda step: learning_rate(step, o, total_steps) / o.lr)
         self.loader = DataParallelLoader(train_dataset, t.micro_batch_size)
         self.accumulation = t.global_batch_size // t.micro_batch_size
         self.clip = o.grad_clip

@@ -119,10 +119,15 @@ def test_two_nodes_rendezvous_restart_and_resume(two_nodes, tmp_path):
         os.kill(worker, signal.SIGKILL)
         for proc in procs:
             proc.wait(timeout=600)
-    finally:
+    finally:  # torchrun starts its workers in their own sessions: stop the whole tree by pid
         for proc in procs:
             if proc.poll() is None:
-                proc.kill()
+                for pid in [*descendants(proc.pid), proc.pid]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                proc.wait(timeout=30)
         for output in outputs:
             output.close()
     logs = [(tmp_path / f"{ns}.out").read_text() for ns, _, _ in two_nodes]
