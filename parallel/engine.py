@@ -56,6 +56,11 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
             "hysteresis": 2,
             "min_loss_scale": 1,
         },
+        # The pipeline engine sends each stage's output split over the tensor-parallel
+        # ranks and gathers it on arrival, which assumes every tensor rank holds the
+        # same activations; under sequence parallelism each holds its own slice.
+        **({"pipeline": {"pipe_partitioned": False, "grad_partitioned": False}}
+           if p.sequence_parallel and p.pipeline > 1 else {}),
         # Our AdamW is torch's; DeepSpeed only vouches for its own by default.
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,

@@ -297,9 +297,9 @@ class Checkpointing(Callback):
             trainer.finish_pending_save()
         if decision.save and trainer.state.last_checkpoint_step != trainer.state.step:
             trainer.save_checkpoint(decision.reason)
-        if decision.stop:
+        if decision.stop and trainer.state.step < trainer.cfg.trainer.train_steps:
             trainer.finish_pending_save()
-            trainer.stop_requested = True
+            trainer.stop_requested = True  # at the last step there is nothing left to requeue
 
     def on_train_end(self, trainer):
         if trainer.state.last_checkpoint_step != trainer.state.step:

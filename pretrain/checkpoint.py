@@ -299,7 +299,7 @@ def prune(run_dir: str, keep_last: int, keep_every: int, keep: int) -> list[int]
             continue
         # The manifest goes first, so a removal cut short leaves a leftover, never a
         # checkpoint that looks complete but is not.
-        (path / COMPLETE).unlink()
+        (path / COMPLETE).unlink(missing_ok=True)
         shutil.rmtree(path, ignore_errors=True)
         removed.append(step)
     return removed

@@ -48,4 +48,5 @@ TINY = (
     "trainer.eval_batches=2",
     "trainer.log_interval=5",
     "optim.warmup_steps=5",
+    "trainer.compile=none",  # compiling would cost more than these few steps
 )

@@ -76,3 +76,20 @@ def test_fused_cpu_adamw_makes_the_multi_tensor_update():
             optimizer.step()
     for a, b in zip(models[0].parameters(), models[1].parameters()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_auto_compile_is_the_whole_model_on_one_process_only(monkeypatch):
+    from parallel.groups import Topology
+    from pretrain.trainer import resolve_compile
+
+    def topology(world_size: int) -> Topology:
+        return Topology(rank=0, world_size=world_size, local_rank=0, tensor=1, pipeline=1,
+                        data=world_size, device=torch.device("cpu"))
+
+    assert resolve_compile("auto", topology(1)) == "model"  # g++ is on this machine
+    assert resolve_compile("auto", topology(2)) == "none"
+    assert resolve_compile("layers", topology(2)) == "layers"  # an explicit choice is kept
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setattr(inductor_config.cpp, "cxx", (None, "no-such-compiler"))  # where inductor looks
+    assert resolve_compile("auto", topology(1)) == "none"

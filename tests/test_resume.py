@@ -22,8 +22,9 @@ from conftest import TINY, run_pretrain
 from distributed import run_distributed
 
 STEPS = 12
+# No torch.compile: it would add its compile time to each of the many short runs.
 COMMON = (*TINY, "trainer.eval_interval=0", "trainer.log_interval=1", "trainer.checkpoint_interval=4",
-          f"trainer.train_steps={STEPS}")
+          f"trainer.train_steps={STEPS}", "trainer.compile=none")
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
