@@ -55,7 +55,9 @@ def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def signal_after(line_start: str, signum: int, argv: tuple[str, ...], cwd: Path) -> tuple[int, str]:
     """Runs `pretrain`, sends `signum` once it prints a line starting with `line_start`;
     returns the exit status and the output."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    # Without the rendezvous variables of this process's own group, if it has one.
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(ENV, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *argv], cwd=cwd, env=env, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
