@@ -8,7 +8,8 @@ saving are left out, as the reference does neither.
 Reference: `bench.reference_llama.ReferenceLlama` (plain torch.nn, eager)
 starting from the product's initial weights, fed the same batches, with
 torch's AdamW under the same hyper-parameters, parameter groups, schedule and
-gradient clipping.
+gradient clipping (`bench.reference_loop`), in a process of its own that
+waits while the product runs.
 
 The two train in alternating chunks (ABBA order) so that load from other
 processes falls on both alike. After the same number of steps both are
@@ -24,7 +25,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 import warnings
 
 warnings.filterwarnings("ignore")
@@ -32,50 +32,7 @@ warnings.filterwarnings("ignore")
 import torch
 
 from bench.product_loop import build_trainer, compose, run_steps
-from bench.reference_llama import ReferenceLlama
-from pretrain.config import Config
-
-
-class ReferenceLoop:
-    """nanoGPT-style: forward, backward, clip, AdamW step, schedule step."""
-
-    def __init__(self, cfg: Config, product_model: torch.nn.Module, train_dataset, padded_vocab: int):
-        from data_pipeline.dataset import DataParallelLoader
-        from pretrain.optim import learning_rate, parameter_groups
-
-        o, t = cfg.optim, cfg.trainer
-        self.model = ReferenceLlama(cfg.model, padded_vocab)
-        self.model.load_product_weights(product_model.state_dict())
-        self.optimizer = torch.optim.AdamW(parameter_groups(self.model, o.weight_decay), lr=o.lr,
-                                           betas=(o.beta1, o.beta2), eps=o.eps)
-        total_steps = t.train_steps  # read now: the product's chunks move cfg.trainer.train_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: learning_rate(step, o, total_steps) / o.lr)
-        self.loader = DataParallelLoader(train_dataset, t.micro_batch_size)
-        self.accumulation = t.global_batch_size // t.micro_batch_size
-        self.clip = o.grad_clip
-        self.losses: list[float] = []
-
-    def step(self) -> None:
-        total = 0.0
-        for _ in range(self.accumulation):
-            batch = next(self.loader)
-            loss = self.model(batch["tokens"], batch["labels"]).mean()
-            (loss / self.accumulation).backward()
-            total += loss.item()
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
-        self.losses.append(total / self.accumulation)
-
-    @torch.no_grad()
-    def evaluate(self, batches: list[dict]) -> float:
-        self.model.eval()
-        loss = sum(self.model(b["tokens"], b["labels"]).mean().item() for b in batches) / len(batches)
-        self.model.train()
-        return loss
+from bench.reference_loop import ReferenceProcess, timed
 
 
 class LossLog:
@@ -87,18 +44,6 @@ class LossLog:
             self.losses.append(record["loss"])
 
     on_train_start = on_step_end = on_train_end = lambda *_: None
-
-
-def train_reference(loop: ReferenceLoop, steps: int) -> None:
-    for _ in range(steps):
-        loop.step()
-
-
-def timed(run, *args) -> tuple[float, float]:
-    """Wall-clock and CPU seconds (all threads of this process) of one call."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    run(*args)
-    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def main() -> None:
@@ -115,13 +60,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, run_dir)
         padded_vocab = trainer.model.padded_vocab_size
-        reference = ReferenceLoop(cfg, trainer.model, trainer.data.train, padded_vocab)
+        reference = ReferenceProcess(cfg, trainer.model, padded_vocab)
         product_losses = LossLog()
         trainer.sinks.append(product_losses)
 
         initial_valid = (trainer.evaluate(), reference.evaluate(trainer.valid_batches))
         warm = min(args.warmup, steps)
-        warmup_seconds = (timed(run_steps, trainer, warm)[0], timed(train_reference, reference, warm)[0])
+        warmup_seconds = (timed(run_steps, trainer, warm)[0], reference.train(warm)[0])
         # Per side, per chunk: (steps, wall seconds, cpu seconds).
         chunks: dict[str, list[tuple[int, float, float]]] = {"product": [], "reference": []}
         done, round_ = warm, 0
@@ -129,11 +74,13 @@ def main() -> None:
             n = min(args.chunk, steps - done)
             order = ("product", "reference") if round_ % 2 == 0 else ("reference", "product")
             for side in order:
-                run, obj = (run_steps, trainer) if side == "product" else (train_reference, reference)
-                chunks[side].append((n, *timed(run, obj, n)))
+                seconds = timed(run_steps, trainer, n) if side == "product" else reference.train(n)
+                chunks[side].append((n, *seconds))
             done, round_ = done + n, round_ + 1
         product_valid = trainer.evaluate()
         reference_valid = reference.evaluate(trainer.valid_batches)
+        reference_losses = reference.losses()
+        reference.close()
 
     tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
     total = {side: [sum(c[i] for c in cs) for i in range(3)] for side, cs in chunks.items()}
@@ -156,7 +103,7 @@ def main() -> None:
         print(f"{side:<19} {wall_rate[side]:>8,.0f} tokens/s  {cpu_rate[side]:>8,.0f} tokens per CPU-s  "
               f"(ms/step by chunk: median {statistics.median(per_step):.0f}, best {per_step[0]:.0f})")
     print(f"train loss          product {last(product_losses.losses):.4f}  "
-          f"reference {last(reference.losses):.4f}  (mean of the last 10 steps)")
+          f"reference {last(reference_losses):.4f}  (mean of the last 10 steps)")
     print(f"validation loss     product {product_valid:.4f}  reference {reference_valid:.4f}  "
           f"(after {steps} steps; at step 0: {initial_valid[0]:.4f} and {initial_valid[1]:.4f})")
     print(f"ratio               {ratio:.2f}x median of rounds (range {min(round_ratios):.2f}-"

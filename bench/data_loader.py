@@ -25,7 +25,7 @@ import torch
 from data_pipeline.dataset import DataParallelLoader, PackedSequenceDataset
 from data_pipeline.prepare import prepare_data
 from data_pipeline.shards import open_corpus, split_documents
-from pretrain.config import Config
+from bench.product_loop import compose
 
 
 def main() -> None:
@@ -34,7 +34,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--streaming", action="store_true", help="time the streaming loader instead")
     args = parser.parse_args()
-    cfg = Config()
+    cfg = compose([])  # the config `pretrain` runs by default
     d, t = cfg.data, cfg.trainer
 
     prepared = prepare_data(d, log=lambda *_: None)

@@ -53,6 +53,7 @@ from pretrain.callbacks import (
 )
 from pretrain.config import Config, ConfigError
 from pretrain.flops import FlopsMeter
+from pretrain.host_memory import retain_freed_host_memory
 from pretrain.guard import EXIT_DIVERGED, MAX_ROLLBACKS_PER_CHECKPOINT, BadStepGuard, TrainingDiverged, \
     skip_nonfinite_updates
 from pretrain.model import LlamaModel, transformer_config
@@ -192,6 +193,8 @@ class Trainer:
             group=parallel_state.get_data_parallel_group() if dp_size > 1 else None)
         self.valid_batches = fixed_batches(data.valid, t.micro_batch_size, t.eval_batches, dp_rank, dp_size)
 
+        if self.device.type == "cpu":
+            retain_freed_host_memory()  # each step's large activations reuse mapped pages
         # Model and engine. Weights depend on the seed alone, not on the layout.
         seed_everything(t.seed)
         seed_model_parallel_rng(t.seed, self.device)
