@@ -43,7 +43,7 @@ class MetricsFile(Callback):
     Three kinds of record, each with an integer `step`: a training step
     (`loss`, `lr`, `grad_norm`, `step_time`, `tokens_per_s`, `tflops`, `mfu`
     when a peak is known, `loss_scale` under fp16, `consumed_tokens`,
-    `memory_bytes`), an evaluation (`valid/loss`, `valid/ppl`) and a checkpoint
+    `memory_bytes`, `skipped_steps`), an evaluation (`valid/loss`, `valid/ppl`) and a checkpoint
     (`checkpoint/step`, `checkpoint/path`).
     """
 

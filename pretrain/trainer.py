@@ -153,8 +153,10 @@ def compile_model(module: torch.nn.Module, mode: str) -> None:
 
 
 def resolve_compile(mode: str, topology: Topology) -> str:
-    """`auto` becomes `model` on one process (on CPU, 1.5x the eager default's
-    tokens/s; bench/cpu_throughput.py) where inductor can build kernels, else `none`."""
+    """`auto` becomes `model` on one process where inductor can build kernels, else `none`.
+
+    Only the one-process layout has been measured and checked against eager
+    with it (docs/benchmarks.md); other layouts compile when asked explicitly."""
     if mode != "auto":
         return mode
     if topology.world_size > 1:

@@ -67,7 +67,7 @@ def run(tmp_path_factory) -> TrainedRun:
 SCHEMAS = {
     "train": {"step": int, "loss": float, "lr": float, "grad_norm": float, "step_time": float,
               "tokens_per_s": float, "tflops": float, "mfu": float, "consumed_tokens": int,
-              "memory_bytes": int},
+              "memory_bytes": int, "skipped_steps": int},
     "valid": {"step": int, "valid/loss": float, "valid/ppl": float},
     "checkpoint": {"step": int, "checkpoint/step": int, "checkpoint/path": str},
 }
