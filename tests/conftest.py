@@ -31,6 +31,22 @@ def run_pretrain(*overrides: str, cwd: Path, timeout: int = 600, env: dict | Non
     )
 
 
+def assert_resumed_run_matches(run_dir: Path, steps: int) -> None:
+    """A run that was interrupted and resumed ends at `steps`, and every step it
+    trained twice logged the same loss both times (bit-exact resume)."""
+    import json
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["step"] == steps
+    losses: dict[int, list[float]] = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            losses.setdefault(record["step"], []).append(record["loss"])
+    assert sorted(losses) == list(range(1, steps + 1))
+    assert all(len(set(values)) == 1 for values in losses.values()), losses
+
+
 # Small enough that a run takes seconds: a 1 MB slice of the standard library,
 # a 512-piece tokenizer, two layers of width 64.
 TINY = (

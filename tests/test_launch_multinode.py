@@ -3,7 +3,6 @@ its own address, run `pretrain-launch launcher=torchrun` and meet through a c10d
 rendezvous. Killing one node's worker makes torchrun restart the workers of both
 nodes, and training resumes from the last checkpoint to the same final step."""
 
-import json
 import os
 import shutil
 import signal
@@ -14,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, assert_resumed_run_matches
 
 LAUNCH = os.path.join(os.path.dirname(sys.executable), "pretrain-launch")
 STEPS, INTERVAL = 40, 10
@@ -143,12 +142,4 @@ def test_two_nodes_rendezvous_restart_and_resume(two_nodes, tmp_path):
     assert resume_step % INTERVAL == 0 and 0 < resume_step < STEPS
 
     # The run ends at the same step, and the steps trained twice gave the same loss.
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == STEPS
-    losses: dict[int, list[float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses.setdefault(record["step"], []).append(record["loss"])
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert all(len(set(values)) == 1 for values in losses.values()), losses
+    assert_resumed_run_matches(run_dir, STEPS)

@@ -6,7 +6,6 @@ same, and each rerun resumes to the same final step.
 Installs Debian's slurm-wlm and munge with apt where they are missing; skips only
 without root or apt. The daemons it starts are stopped by their pids."""
 
-import json
 import os
 import re
 import shutil
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY
+from conftest import TINY, assert_resumed_run_matches
 
 LAUNCH = os.path.join(os.path.dirname(sys.executable), "pretrain-launch")
 STEPS, INTERVAL = 200, 10
@@ -212,12 +211,4 @@ def test_job_trains_requeues_and_resumes(slurm, tmp_path):
     resumed = resumed_steps(run_dir)
     assert len(resumed) == 2 and resumed[0] >= first and resumed[1] > resumed[0], resumed
 
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["step"] == STEPS
-    losses: dict[int, list[float]] = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "loss" in record:
-            losses.setdefault(record["step"], []).append(record["loss"])
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert all(len(set(values)) == 1 for values in losses.values())  # bit-exact resume
+    assert_resumed_run_matches(run_dir, STEPS)
