@@ -189,3 +189,17 @@ def test_hostfile_slots_must_fit_the_layout(monkeypatch, capsys, tmp_path):
     command = out.out.strip().splitlines()[-1]
     assert f"--hostfile={hostfile}" in command and "--exclude=node2:3" in command
     assert "--module pretrain.main" in command
+
+
+def test_slurm_multirun_writes_one_job_per_point(monkeypatch, capsys, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(monkeypatch, capsys, "-m", "--dry-run", "launcher=slurm", "launcher.nodes=2",
+                        "trainer.global_batch_size=16", "optim.lr=1e-3,3e-3",
+                        f"trainer.run_dir={tmp_path / 'sweep'}")
+    assert code == 0, out.err
+    scripts = sorted((tmp_path / "sweep").glob("*/job.sbatch"))
+    assert [s.parent.name for s in scripts] == ["0_optim.lr=0.001", "1_optim.lr=0.003"]
+    for script, lr in zip(scripts, ("0.001", "0.003")):
+        text = script.read_text()
+        assert "#SBATCH --nodes=2" in text and f"optim.lr={lr}" in text
+        assert f"RUN_DIR={script.parent}" in text

@@ -166,6 +166,15 @@ def test_job_trains_requeues_and_resumes(slurm, tmp_path):
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     run_dir = tmp_path / "run"
+    # A partition the cluster lacks is refused by asking sinfo, before anything queues.
+    refused = subprocess.run([LAUNCH, "launcher=slurm", "launcher.partition=nosuch", *TINY,
+                              f"trainer.run_dir={tmp_path / 'refused'}"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    errors = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert refused.returncode == 2 and len(errors) == 1, refused.stderr
+    assert "launcher.partition=nosuch: no such Slurm partition; sinfo lists debug" in errors[0]
+    assert not (tmp_path / "refused").exists()
+
     submitted = subprocess.run(
         [LAUNCH, "launcher=slurm", "launcher.partition=debug", "launcher.time=00:30:00",
          "launcher.signal_seconds=60", "launcher.save_wait_seconds=30", "launcher.job_name=pretrain-test",
