@@ -30,7 +30,6 @@ from collections import defaultdict
 
 warnings.filterwarnings("ignore")
 
-import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from bench.product_loop import build_trainer, compose, run_steps

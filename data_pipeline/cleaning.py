@@ -44,6 +44,16 @@ class StageCount:
     bytes_in: int = 0
     bytes_out: int = 0
 
+    def enter(self, size: int) -> None:
+        """Counts one document of `size` bytes into the stage."""
+        self.docs_in += 1
+        self.bytes_in += size
+
+    def leave(self, size: int) -> None:
+        """Counts one document of `size` bytes out of the stage."""
+        self.docs_out += 1
+        self.bytes_out += size
+
     def add(self, other: "StageCount") -> None:
         self.docs_in += other.docs_in
         self.docs_out += other.docs_out
@@ -96,8 +106,7 @@ def clean_records(
     out: list[str] = []
     s = report.stages
     for (mode, payload), source in zip(records, sources):
-        s["decode"].docs_in += 1
-        s["decode"].bytes_in += len(payload) if isinstance(payload, bytes) else nbytes(payload)
+        s["decode"].enter(len(payload) if isinstance(payload, bytes) else nbytes(payload))
         try:
             text = payload_text(mode, payload, cfg.text_field)
         except (UnicodeDecodeError, ValueError) as err:
@@ -105,42 +114,29 @@ def clean_records(
                 raise DataError(f"{source_names[source]}: bad record ({_reason(err)})") from None
             continue
         size = nbytes(text)
-        s["decode"].docs_out += 1
-        s["decode"].bytes_out += size
+        s["decode"].leave(size)
 
-        stage = s["normalize"]
-        stage.docs_in += 1
-        stage.bytes_in += size
+        s["normalize"].enter(size)
         if cfg.normalize != "none" and not unicodedata.is_normalized(cfg.normalize, text):
             text = unicodedata.normalize(cfg.normalize, text)
             size = nbytes(text)
-        stage.docs_out += 1
-        stage.bytes_out += size
+        s["normalize"].leave(size)
 
-        stage = s["control_chars"]
-        stage.docs_in += 1
-        stage.bytes_in += size
+        s["control_chars"].enter(size)
         if cfg.strip_control and _CONTROL.search(text):
             text = _CONTROL.sub("", text)
             size = nbytes(text)
-        stage.docs_out += 1
-        stage.bytes_out += size
+        s["control_chars"].leave(size)
 
-        stage = s["min_length"]
-        stage.docs_in += 1
-        stage.bytes_in += size
+        s["min_length"].enter(size)
         if len(text.strip()) < max(cfg.min_chars, 1):
             continue
-        stage.docs_out += 1
-        stage.bytes_out += size
+        s["min_length"].leave(size)
 
-        stage = s["max_length"]
-        stage.docs_in += 1
-        stage.bytes_in += size
+        s["max_length"].enter(size)
         if cfg.max_chars and len(text) > cfg.max_chars:
             continue
-        stage.docs_out += 1
-        stage.bytes_out += size
+        s["max_length"].leave(size)
         out.append(text)
         if kept_sources is not None:
             kept_sources.append(source)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 import warnings
 
 from data_pipeline.cleaning import CleaningConfig, Report

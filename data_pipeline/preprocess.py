@@ -154,6 +154,21 @@ def _chunks(
         start += size
 
 
+def _in_order(pool, workers: int, fn: Callable, chunks: Iterator) -> Iterator:
+    """`fn(chunk)` of every chunk, run on `pool` with at most two chunks per worker in flight,
+    taken in chunk order."""
+    pending: deque = deque()
+    while True:
+        while len(pending) < 2 * workers:
+            chunk = next(chunks, None)
+            if chunk is None:
+                break
+            pending.append(pool.apply_async(fn, (chunk,)))
+        if not pending:
+            return
+        yield pending.popleft().get()
+
+
 def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: str = "all") -> dict:
     """Runs (or finishes) one node's share of a preprocessing job; returns its manifest.
 
@@ -207,7 +222,6 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: st
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
     pool = ctx.Pool(workers, _init_worker,
                     (tokenizer.model_bytes, job.cleaning, [x.name for x in inputs], np.dtype(dtype).name))
-    pending: deque = deque()
     try:
         if job.num_nodes > 1 and job.cleaning.dedup:
             hashes_path = _write_node_hashes(job, inputs, mine, output, pool, workers, log)
@@ -216,16 +230,8 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: st
                 pool.join()
                 return {"hashes": str(hashes_path)}
             dedup.seen.update(_other_nodes_first(job, inputs, output, log))
-        chunks = _chunks(inputs, mine, job, set(done))
-        while True:
-            while len(pending) < 2 * workers:
-                chunk = next(chunks, None)
-                if chunk is None:
-                    break
-                pending.append(pool.apply_async(_process_chunk, (chunk,)))
-            if not pending:
-                break
-            shard, report, sizes, hashes, lengths, flat = pending.popleft().get()
+        for shard, report, sizes, hashes, lengths, flat in _in_order(
+                pool, workers, _process_chunk, _chunks(inputs, mine, job, set(done))):
             advance_to(shard)
             _append(state, dedup, Report.from_dict(report), sizes, hashes, lengths, flat)
         advance_to(job.num_shards)
@@ -289,17 +295,8 @@ def _write_node_hashes(job: PreprocessJob, inputs: list[Input], mine: list[int],
     if path.is_file() and _load_node_hashes(path, _job_key(job, inputs)) is not None:
         return path  # written by an earlier run of this node
     first: dict[bytes, int] = {}
-    pending: deque = deque()
-    chunks = _chunks(inputs, mine, job, set())
-    while True:
-        while len(pending) < 2 * workers:
-            chunk = next(chunks, None)
-            if chunk is None:
-                break
-            pending.append(pool.apply_async(_hash_chunk, (chunk,)))
-        if not pending:
-            break
-        for digest, source in zip(*pending.popleft().get()):
+    for digests, sources in _in_order(pool, workers, _hash_chunk, _chunks(inputs, mine, job, set())):
+        for digest, source in zip(digests, sources):
             first.setdefault(digest, source)  # chunks arrive in input order
     hashes = np.frombuffer(b"".join(first), dtype=np.uint8).reshape(-1, 16)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -363,11 +360,9 @@ def _append(state: dict, dedup: Deduplicator, report: Report, sizes: list[int],
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     for k, digest in enumerate(hashes):
         doc = flat[offsets[k]:offsets[k + 1]]
-        stage.docs_in += 1
-        stage.bytes_in += sizes[k]
+        stage.enter(sizes[k])
         if dedup.keep(digest):
-            stage.docs_out += 1
-            stage.bytes_out += sizes[k]
+            stage.leave(sizes[k])
             writer.add(doc)
             state["hashes"].append(digest)
     state["report"].add(report)

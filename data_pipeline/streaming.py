@@ -135,14 +135,12 @@ def stream_documents(
             if is_held_out(digest, spec.valid_fraction) != (split == "valid"):
                 continue  # the other split's document: neither counted nor remembered here
             size = nbytes(text)
-            stage.docs_in += 1
-            stage.bytes_in += size
+            stage.enter(size)
             if dedup:
                 if digest in seen:
                     continue
                 seen.add(digest)
-            stage.docs_out += 1
-            stage.bytes_out += size
+            stage.leave(size)
             yield after(position, len(item.payload)), text, digest
 
 

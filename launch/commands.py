@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from launch.config import DeepSpeedLauncher, TorchrunLauncher
+from launch.config import DeepSpeedLauncher, TorchrunLauncher, host_port
 from launch.rendezvous import is_local_address, route_address, wait_for_endpoint
 from pretrain.config import ConfigError
 
@@ -32,8 +32,7 @@ def torchrun_command(cfg: TorchrunLauncher, overrides: list[str], probe: bool = 
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={cfg.nnodes}",
            f"--nproc_per_node={cfg.nproc_per_node}", f"--max_restarts={cfg.max_restarts}"]
     if cfg.rdzv_endpoint is not None:
-        host, port = cfg.rdzv_endpoint.rsplit(":", 1)
-        host, port = host.strip("[]"), int(port)
+        host, port = host_port("rdzv_endpoint", cfg.rdzv_endpoint)
         key = "launcher.rdzv_endpoint"
         is_host = is_local_address(host, key)
         if probe and not is_host:
@@ -98,10 +97,9 @@ def _filter(spec: str, key: str, hosts: dict[str, list[int]]) -> dict[str, list[
 def deepspeed_ranks(cfg: DeepSpeedLauncher) -> int:
     """How many processes the deepspeed launcher will start for this config."""
     if cfg.hostfile is None:
-        local = {"localhost": list(range(cfg.nproc_per_node))}
         if cfg.include or cfg.exclude:
             raise ConfigError("launcher.include/exclude: expected a launcher.hostfile to select from")
-        return len(local["localhost"])
+        return cfg.nproc_per_node
     hosts = {h: list(range(n)) for h, n in read_hostfile(cfg.hostfile).items()}
     if cfg.include:
         named = _filter(cfg.include, "launcher.include", hosts)

@@ -25,7 +25,7 @@ def _positive(obj, *keys: str) -> None:
         _require(value is None or value >= 1, f"launcher.{key}={value}: expected >= 1")
 
 
-def _host_port(key: str, value: str) -> tuple[str, int]:
+def host_port(key: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     _require(bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536,
              f"launcher.{key}={value}: expected HOST:PORT")
@@ -73,7 +73,7 @@ class TorchrunLauncher:
         _require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts}: expected >= 0")
         _require(self.probe_seconds >= 0, f"launcher.probe_seconds={self.probe_seconds}: expected >= 0")
         if self.rdzv_endpoint is not None:
-            _host_port("rdzv_endpoint", self.rdzv_endpoint)
+            host_port("rdzv_endpoint", self.rdzv_endpoint)
             _require(self.node_rank is None and self.master_addr is None,
                      "launcher.rdzv_endpoint with launcher.node_rank/master_addr: expected either "
                      "a c10d endpoint or static node ranks, not both")

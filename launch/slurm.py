@@ -31,6 +31,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch.commands import TRAIN_MODULE
 from launch.config import SlurmLauncher
 from pretrain.config import ConfigError
 
@@ -62,7 +63,7 @@ def node_command(cfg: SlurmLauncher, overrides: list[str]) -> list[str]:
     if cfg.rdzv_port is not None:
         command.append(f"--rdzv-port={cfg.rdzv_port}")
     return [*command, f"--nproc_per_node={cfg.procs_per_node}", f"--max_restarts={cfg.max_restarts}",
-            "-m", "pretrain.main", *overrides]
+            "-m", TRAIN_MODULE, *overrides]
 
 
 def render_sbatch(cfg: SlurmLauncher, overrides: list[str], run_dir: Path, workdir: Path) -> str:
@@ -148,7 +149,6 @@ def submit_slurm(cfg: SlurmLauncher, overrides: list[str], run_dir: Path) -> int
     if sbatch is None and not cfg.dry_run:
         raise ConfigError(f"launcher.sbatch={cfg.sbatch}: not installed (no such command on PATH); "
                           "install Slurm's client commands, or pass --dry-run to only write the script")
-    check_partition(cfg)
     script = write_script(render_sbatch(cfg, overrides, run_dir, Path.cwd()), run_dir)
     log = output_path(cfg, run_dir)
     if "%" not in str(log.parent):

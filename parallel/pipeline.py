@@ -17,18 +17,10 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import ModelConfig
-from pretrain.init import initialize
+from pretrain.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region
 from pretrain.layers import ColumnParallelLinear, RMSNorm, rotary_frequencies
 from pretrain.model import layer_spec
-
-
-def _init(named, cfg: ModelConfig, seed: int) -> None:
-    initialize(
-        named, seed=seed, std=cfg.init_std, num_layers=cfg.num_layers,
-        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-    )
 
 
 class EmbeddingStage(torch.nn.Module):
@@ -38,7 +30,7 @@ class EmbeddingStage(torch.nn.Module):
         self.embedding = tensor_parallel.VocabParallelEmbedding(
             padded_vocab, cfg.hidden_size, init_method=config.init_method, config=config
         )
-        _init([("embedding.weight", self.embedding.weight)], cfg, seed)
+        initialize_local([("embedding.weight", self.embedding.weight)], cfg, seed)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
@@ -55,7 +47,8 @@ class TransformerLayerStage(torch.nn.Module):
         super().__init__()
         self.cfg = cfg
         self.layer = build_module(layer_spec(), config=config, layer_number=index + 1)
-        _init([(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()], cfg, seed)
+        named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
+        initialize_local(named, cfg, seed)
         self._rotary: dict[tuple, torch.Tensor] = {}
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -78,8 +71,8 @@ class HeadStage(torch.nn.Module):
             cfg.hidden_size, padded_vocab, config=config, init_method=config.init_method,
             bias=False, gather_output=False,
         )
-        _init([("decoder.final_layernorm.weight", self.final_layernorm.weight),
-               ("output_layer.weight", self.output_layer.weight)], cfg, seed)
+        initialize_local([("decoder.final_layernorm.weight", self.final_layernorm.weight),
+                          ("output_layer.weight", self.output_layer.weight)], cfg, seed)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits, _ = self.output_layer(self.final_layernorm(hidden))

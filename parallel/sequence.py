@@ -27,46 +27,49 @@ def _all_gather_first_dim(x: torch.Tensor, group) -> torch.Tensor:
     return out
 
 
-def _reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+def _divisible_world_size(x: torch.Tensor, group) -> int:
     size = dist.get_world_size(group)
     if x.shape[0] % size:
         raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tensor-parallel size {size}")
+    return size
+
+
+def _reduce_scatter_first_dim(x: torch.Tensor, group) -> torch.Tensor:
+    size = _divisible_world_size(x, group)
     out = torch.empty((x.shape[0] // size, *x.shape[1:]), dtype=x.dtype, device=x.device)
     dist.reduce_scatter_tensor(out, x.contiguous(), group=group)
     return out
 
 
 def _split_first_dim(x: torch.Tensor, group) -> torch.Tensor:
-    size, rank = dist.get_world_size(group), dist.get_rank(group)
-    if x.shape[0] % size:
-        raise ValueError(f"sequence length {x.shape[0]} is not divisible by the tensor-parallel size {size}")
-    return x.chunk(size, dim=0)[rank].contiguous()
+    size = _divisible_world_size(x, group)
+    return x.chunk(size, dim=0)[dist.get_rank(group)].contiguous()
 
 
-class ScatterToSequenceParallel(torch.autograd.Function):
-    """Full sequence → this rank's slice; the backward pass gathers the slices' gradients."""
+class _GatherGradients(torch.autograd.Function):
+    """Sequence slices whose gradients the backward pass gathers back to the full sequence."""
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _all_gather_first_dim(grad, ctx.group), None
+
+
+class ScatterToSequenceParallel(_GatherGradients):
+    """Full sequence → this rank's slice."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
         return _split_first_dim(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_first_dim(grad, ctx.group), None
 
-
-class ReduceScatterToSequenceParallel(torch.autograd.Function):
+class ReduceScatterToSequenceParallel(_GatherGradients):
     """Partial sums of the full sequence → this rank's slice of their sum (row-parallel output)."""
 
     @staticmethod
     def forward(ctx, x, group):
         ctx.group = group
         return _reduce_scatter_first_dim(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _all_gather_first_dim(grad, ctx.group), None
 
 
 class SequenceParallelLinear(torch.autograd.Function):

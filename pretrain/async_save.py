@@ -90,7 +90,6 @@ def install(engine) -> BackgroundWriter:
 class PendingSave:
     """A checkpoint whose files are being written; `commit` once every rank is done."""
 
-    root: Path
     staging: Path
     final: Path
     facts: dict  # for the manifest
@@ -103,7 +102,6 @@ class PendingSave:
         from pretrain import checkpoint
 
         if self.rank == 0:
-            checkpoint.commit(self.root, self.staging, self.final, self.facts)
-            checkpoint.remove_leftovers(self.root, keep=self.final)
-            checkpoint.prune(self.run_dir, self.keep_last, self.keep_every, keep=self.facts["step"])
+            checkpoint.publish(self.run_dir, self.staging, self.final, self.facts, self.keep_last,
+                               self.keep_every)
         return self.final

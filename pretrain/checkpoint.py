@@ -247,18 +247,24 @@ def save(engine, run_dir: str, step: int, client_state: dict, *, files: dict[str
         from pretrain.async_save import PendingSave
 
         writer.start(staging)
-        return PendingSave(root, staging, final, facts, run_dir, keep_last, keep_every, rank)
+        return PendingSave(staging, final, facts, run_dir, keep_last, keep_every, rank)
     if before_commit is not None:
         before_commit()
     _barrier()  # every rank has written
     fsync_tree(staging)
     _barrier()  # every rank's files are on disk
     if rank == 0:
-        commit(root, staging, final, facts)
-        remove_leftovers(root, keep=final)
-        prune(run_dir, keep_last, keep_every, keep=step)
+        publish(run_dir, staging, final, facts, keep_last, keep_every)
     _barrier()
     return final
+
+
+def publish(run_dir: str, staging: Path, final: Path, facts: dict, keep_last: int, keep_every: int) -> None:
+    """Rank 0, once every rank's files are on disk: commits the checkpoint, then removes
+    interrupted saves and applies retention."""
+    commit(final.parent, staging, final, facts)
+    remove_leftovers(final.parent, keep=final)
+    prune(run_dir, keep_last, keep_every, keep=facts["step"])
 
 
 def commit(root: Path, staging: Path, final: Path, facts: dict) -> None:
@@ -333,7 +339,5 @@ def write_run_file(run_dir: str, name: str, data: bytes) -> Path:
     if dist.is_initialized() and dist.get_rank() != 0:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, target)
+    write_atomic(target, data)
     return target

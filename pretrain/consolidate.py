@@ -19,6 +19,7 @@ import torch
 
 from data_pipeline.tokenizer import Tokenizer
 from parallel import sharding
+from parallel.engine_state import canonical_name
 from pretrain.config import ConfigError, ModelConfig, from_dict
 
 MODEL_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
@@ -128,11 +129,7 @@ def _pipeline_shards(directory: Path, num_layers: int) -> list[dict]:
         index, tp_rank = int(m.group(1)), int(m.group(2))
         shard = shards.setdefault(tp_rank, {})
         for name, value in _load(p).items():
-            if 1 <= index <= num_layers:
-                name = f"decoder.layers.{index - 1}.{name.removeprefix('layer.')}"
-            elif name.startswith("final_layernorm"):
-                name = f"decoder.{name}"
-            shard[name] = value
+            shard[canonical_name(f"{index}.{name}", True, num_layers)] = value
     if not shards:
         raise CheckpointError(f"{directory}: no model weights (neither 'module' nor layer_XX files)")
     if sorted(shards) != list(range(len(shards))):

@@ -12,9 +12,11 @@ import hashlib
 import math
 
 import torch
+from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from parallel import sharding
+from pretrain.config import ModelConfig
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -62,3 +64,15 @@ def initialize(
         shape = sharding.full_shape(name, param.shape, tp_size)
         full = torch.randn(shape, generator=_generator(seed, name)) * scale
         param.copy_(sharding.shard(name, full, tp_rank, tp_size))
+
+
+def initialize_local(named_parameters, cfg: ModelConfig, seed: int) -> None:
+    """`initialize` with the model's std and this process's tensor-parallel rank."""
+    initialize(
+        named_parameters,
+        seed=seed,
+        std=cfg.init_std,
+        num_layers=cfg.num_layers,
+        tp_rank=parallel_state.get_tensor_model_parallel_rank(),
+        tp_size=parallel_state.get_tensor_model_parallel_world_size(),
+    )

@@ -25,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from pretrain.config import ModelConfig
-from pretrain.init import initialize
+from pretrain.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region
 from pretrain.layers import (
     ColumnParallelLinear,
@@ -151,14 +151,7 @@ class LlamaModel(torch.nn.Module):
         )
         # Recomputed on device rather than stored: the angles depend only on the shape.
         self._rotary_cache: dict[tuple, torch.Tensor] = {}
-        initialize(
-            self.named_parameters(),
-            seed=seed,
-            std=cfg.init_std,
-            num_layers=cfg.num_layers,
-            tp_rank=parallel_state.get_tensor_model_parallel_rank(),
-            tp_size=parallel_state.get_tensor_model_parallel_world_size(),
-        )
+        initialize_local(self.named_parameters(), cfg, seed)
 
     def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
         key = (seq_len, device)

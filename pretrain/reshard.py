@@ -27,9 +27,8 @@ from pathlib import Path
 import torch
 
 from parallel import sharding
+from parallel.engine_state import MOMENTS, canonical_name
 from pretrain.consolidate import CheckpointError, LAYER_FILE, _first_states, _load
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,16 @@ def _local_names(module: dict[str, torch.Tensor]) -> list[tuple[str, tuple]]:
             if isinstance(t, torch.Tensor) and not n.endswith("_extra_state")]
 
 
-def _optimizer_order(names: list[tuple[str, tuple]]) -> list[str]:
-    """Parameter order of the optimizer's state: decayed matrices, then the rest (`pretrain.optim`)."""
+def _split(names: list[tuple[str, tuple]]) -> tuple[list[str], list[str]]:
+    """The optimizer's two parameter groups: decayed matrices, and the rest (`pretrain.optim`)."""
     decay = [n for n, shape in names if len(shape) >= 2 and "embedding" not in n]
-    return decay + [n for n, shape in names if not (len(shape) >= 2 and "embedding" not in n)]
+    return decay, [n for n, shape in names if not (len(shape) >= 2 and "embedding" not in n)]
+
+
+def _optimizer_order(names: list[tuple[str, tuple]]) -> list[str]:
+    """Parameter order of the optimizer's state: decayed matrices, then the rest."""
+    decay, rest = _split(names)
+    return decay + rest
 
 
 def _pipeline_stages(directory: Path, tp_rank: int, group_sizes: list[list[int]]) -> list[list[tuple[str, tuple]]]:
@@ -93,19 +98,13 @@ def _pipeline_stages(directory: Path, tp_rank: int, group_sizes: list[list[int]]
     stages, position = [], 0
     for sizes in group_sizes:
         stage: list[tuple[str, tuple]] = []
-        while [len(x) for x in _split(stage)] != sizes:
-            if position == len(layers) or sum(len(x) for x in _split(stage)) > sum(sizes):
+        while (counts := [len(x) for x in _split(stage)]) != sizes:
+            if position == len(layers) or sum(counts) > sum(sizes):
                 raise CheckpointError(f"{directory}: pipeline layer files do not match the optimizer states")
             stage += layers[position]
             position += 1
         stages.append(stage)
     return stages
-
-
-def _split(names: list[tuple[str, tuple]]) -> tuple[list, list]:
-    order = _optimizer_order(names)
-    decay = sum(1 for n, s in names if len(s) >= 2 and "embedding" not in n)
-    return order[:decay], order[decay:]
 
 
 def _zero0_rank(states: dict, names: list[tuple[str, tuple]], module: dict | None, precision: str):
@@ -174,14 +173,16 @@ def read_training_state(path: Path, num_layers: int) -> TrainingState:
             names = _local_names(module)
         else:
             names = _stage_names(path, layout, pp_rank, tp_rank)
-            module = _stage_weights(path, tp_rank, names)
+            # Only fp32 without ZeRO keeps no separate masters: they are the weights themselves.
+            masters_are_weights = layout.zero_stage == 0 and layout.precision == "fp32"
+            module = _stage_weights(path, tp_rank, names) if masters_are_weights else None
         if layout.zero_stage == 0:
             weights, moments, rank_step = _zero0_rank(states, names, module, layout.precision)
         else:
             weights, moments, rank_step = _zero12_rank(path, mp_rank, layout.data, dict(names))
         step = max(step, rank_step)
         for local, value in weights.items():
-            name = _canonical(local, layout, num_layers)
+            name = canonical_name(local, layout.pipeline > 1, num_layers)
             tp_shards[name][tp_rank] = (value, moments["exp_avg"][local], moments["exp_avg_sq"][local])
     full_weights, full_moments = {}, {key: {} for key in MOMENTS}
     for name, shards in tp_shards.items():
@@ -195,12 +196,6 @@ def read_training_state(path: Path, num_layers: int) -> TrainingState:
 
 def _model_states(path: Path, mp_rank: int) -> Path:
     return path / f"mp_rank_{mp_rank:02d}_model_states.pt"
-
-
-def _canonical(local: str, layout: Layout, num_layers: int) -> str:
-    from parallel.engine_state import canonical_name
-
-    return canonical_name(local, layout.pipeline > 1, num_layers)
 
 
 def _stage_names(path: Path, layout: Layout, pp_rank: int, tp_rank: int) -> list[tuple[str, tuple]]:

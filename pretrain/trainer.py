@@ -29,7 +29,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from data_pipeline.dataset import PackedSequenceDataset, fixed_batches
-from data_pipeline.indexed import open_shard
 from data_pipeline.prepare import prepare_data
 from data_pipeline.stream_loader import build_train_loader
 from data_pipeline.tokenizer import Tokenizer

@@ -2,7 +2,6 @@
 product model's losses and gradients, the compiled product model computes the eager
 one's, and the fused AdamW the product uses on CPU makes the multi-tensor one's update."""
 
-import pytest
 import torch
 
 from bench.reference_llama import ReferenceLlama

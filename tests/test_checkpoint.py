@@ -4,7 +4,6 @@ in one process on the synthetic data of the parity tests."""
 import json
 import math
 import random
-from pathlib import Path
 
 import numpy as np
 import pytest
