@@ -14,7 +14,6 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from parallel.groups import MegatronMPU
 from pretrain import optim
 from pretrain.config import Config, ConfigError
-from pretrain.model import masked_mean
 
 
 def precision_dtype(precision: str) -> torch.dtype:
@@ -107,6 +106,10 @@ def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel
     )
     if isinstance(engine, PipelineEngine) and cfg.parallel.precision == "fp32" and cfg.parallel.zero_stage == 0:
         keep_clipped_norm(engine)
+    if data_parallel == 1 and cfg.parallel.zero_stage == 0 and not isinstance(engine, PipelineEngine):
+        # With one data-parallel replica DeepSpeed would still flatten every gradient into a
+        # bucket, all-reduce it over a group of one, divide it by 1 and copy it back, every step.
+        engine.enable_backward_allreduce = False
     return engine
 
 
@@ -164,8 +167,8 @@ def train_step(
     grad_norm = None
     for _ in range(steps):
         batch = next(batches)
-        per_token = engine(*_to_device(batch, device), **_extras(batch, device))
-        loss = masked_mean(per_token, _loss_mask(batch, device))
+        loss = engine(*_to_device(batch, device), **_extras(batch, device),
+                      loss_mask=_loss_mask(batch, device), reduction="mean")
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if clip > 0 and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
@@ -189,7 +192,7 @@ def eval_loss(engine, batches: list[dict], device: torch.device) -> torch.Tensor
     engine.eval()
     total = torch.zeros((), device=device)
     for batch in batches:
-        per_token = engine(*_to_device(batch, device), **_extras(batch, device))
-        total += masked_mean(per_token.float(), _loss_mask(batch, device))
+        total += engine(*_to_device(batch, device), **_extras(batch, device),
+                        loss_mask=_loss_mask(batch, device), reduction="mean").float()
     engine.train()
     return total / len(batches)

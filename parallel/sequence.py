@@ -72,6 +72,20 @@ class ReduceScatterToSequenceParallel(_GatherGradients):
         return _reduce_scatter_first_dim(x, group)
 
 
+class GatherFromSequenceParallel(torch.autograd.Function):
+    """This rank's slice → the full sequence; backward sums the ranks' gradients and
+    keeps this rank's slice (each rank's gradient is partial, e.g. over a vocabulary slice)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return _all_gather_first_dim(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _reduce_scatter_first_dim(grad, ctx.group), None
+
+
 class SequenceParallelLinear(torch.autograd.Function):
     """Column-parallel matmul on a sequence-parallel input: y = gather(x) W^T (+ b).
 
@@ -104,6 +118,10 @@ def scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
 
 def reduce_scatter_to_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
     return ReduceScatterToSequenceParallel.apply(x, group)
+
+
+def gather_from_sequence_parallel_region(x: torch.Tensor, group) -> torch.Tensor:
+    return GatherFromSequenceParallel.apply(x, group)
 
 
 def sequence_parallel_linear(x, weight, bias, group) -> torch.Tensor:

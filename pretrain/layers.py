@@ -15,6 +15,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from parallel import sequence
+from parallel.output_loss import chunked_output_loss
 
 
 class RMSNorm(torch.nn.Module):
@@ -101,6 +102,26 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
         if kwargs.get("sequence_parallel") and weight.requires_grad:
             return sequence.sequence_parallel_linear(input, weight, kwargs.get("bias"), self.tp_group)
         return super()._forward_impl(input, weight, *args, **kwargs)
+
+
+class OutputLayer(ColumnParallelLinear):
+    """The vocabulary projection. Given labels, it returns their weighted cross entropy
+    through `parallel.output_loss`, chunk by chunk, without the full logits.
+
+    The loss goes through this module's call (not a free function on its weight)
+    so that whatever DeepSpeed hooks onto the module, such as ZeRO-3's parameter
+    gathering, runs as for the logits.
+    """
+
+    def forward(self, input_, weight=None, labels=None, token_weights=None, chunk_tokens=None):
+        if labels is None:
+            return super().forward(input_, weight=weight)
+        weight = self.weight if weight is None else weight
+        if self.sequence_parallel:
+            input_ = sequence.gather_from_sequence_parallel_region(input_, self.tp_group)
+        elif self.tp_group.size() > 1:
+            input_ = tensor_parallel.copy_to_tensor_model_parallel_region(input_, self.tp_group)
+        return chunked_output_loss(input_, weight, labels, token_weights, chunk_tokens, self.tp_group)
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):

@@ -27,8 +27,10 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from pretrain.config import ModelConfig
 from pretrain.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region
+from parallel.output_loss import token_weights
 from pretrain.layers import (
     ColumnParallelLinear,
+    OutputLayer,
     RMSNorm,
     RowParallelLinear,
     SDPAttention,
@@ -120,15 +122,22 @@ def layer_spec() -> ModuleSpec:
 
 
 class LlamaModel(torch.nn.Module):
-    """Token ids [b, s] → per-token loss [b, s] (or logits when no labels)."""
+    """Token ids [b, s] → per-token loss [b, s], their masked mean, or logits when no labels.
+
+    `loss_chunk_tokens` (see `parallel.output_loss.chunk_tokens`) makes the mean
+    loss go through the output layer in chunks of that many tokens, with the
+    full logits never in memory; None computes them all.
+    """
 
     def __init__(
-        self, cfg: ModelConfig, config: TransformerConfig, padded_vocab_size: int, seed: int = 0
+        self, cfg: ModelConfig, config: TransformerConfig, padded_vocab_size: int, seed: int = 0,
+        loss_chunk_tokens: int | None = None,
     ):
         super().__init__()
         self.cfg = cfg
         self.config = config
         self.padded_vocab_size = padded_vocab_size
+        self.loss_chunk_tokens = loss_chunk_tokens
         self.embedding = tensor_parallel.VocabParallelEmbedding(
             padded_vocab_size, cfg.hidden_size, init_method=config.init_method, config=config
         )
@@ -140,7 +149,7 @@ class LlamaModel(torch.nn.Module):
             pre_process=True,
             post_process=True,
         )
-        self.output_layer = ColumnParallelLinear(
+        self.output_layer = OutputLayer(
             cfg.hidden_size,
             padded_vocab_size,
             config=config,
@@ -167,9 +176,15 @@ class LlamaModel(torch.nn.Module):
         labels: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        loss_mask: torch.Tensor | None = None,
+        reduction: str = "none",
     ) -> torch.Tensor:
         """`attention_mask` [b, 1, s, s] is True where attention is cut (None: causal);
-        `position_ids` [b, s] restart rotary positions, e.g. at document boundaries."""
+        `position_ids` [b, s] restart rotary positions, e.g. at document boundaries.
+        With labels, `reduction="none"` gives the loss of every token [b, s] and
+        `"mean"` its mean over the tokens where `loss_mask` [b, s] is set (all if None)."""
+        if reduction not in ("none", "mean"):
+            raise ValueError(f"reduction={reduction!r}: expected 'none' or 'mean'")
         hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # megatron layout [s, b, h]
         if self.config.sequence_parallel:
             hidden = scatter_to_sequence_parallel_region(
@@ -179,14 +194,19 @@ class LlamaModel(torch.nn.Module):
             rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, d]
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        if labels is not None and reduction == "mean" and self.loss_chunk_tokens:
+            labels = labels.transpose(0, 1)  # the hidden states' [s, b] order
+            weights = token_weights(labels, None if loss_mask is None else loss_mask.transpose(0, 1))
+            return self.output_layer(hidden, weight=weight, labels=labels, token_weights=weights,
+                                     chunk_tokens=self.loss_chunk_tokens)
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, vocab / tp]
         if labels is None:
             return logits.transpose(0, 1)
         # Cross entropy in fp32 over the vocabulary shards, without gathering them.
         loss = tensor_parallel.vocab_parallel_cross_entropy(
             logits.float(), labels.transpose(0, 1).contiguous()
-        )
-        return loss.transpose(0, 1)  # [b, s]
+        ).transpose(0, 1)  # [b, s]
+        return masked_mean(loss, loss_mask) if reduction == "mean" else loss
 
 
 def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:

@@ -34,6 +34,7 @@ from data_pipeline.stream_loader import build_train_loader
 from data_pipeline.tokenizer import Tokenizer
 from parallel.engine import (build_engine, build_optimizer, check_precision_supported, clips_in_loop,
                              eval_loss, precision_dtype, train_step)
+from parallel.output_loss import chunk_tokens
 from parallel.pipeline import build_pipeline
 from parallel.rng import seed_model_parallel_rng
 from parallel.tensor import reduce_sequence_parallel_grads
@@ -210,7 +211,8 @@ class Trainer:
                 cfg.parallel.pipeline_partition,
             )
         else:
-            self.model = LlamaModel(cfg.model, tconfig, padded_vocab, seed=t.seed)
+            self.model = LlamaModel(cfg.model, tconfig, padded_vocab, seed=t.seed,
+                                    loss_chunk_tokens=chunk_tokens(self.device, padded_vocab // topology.tensor))
         self.num_params = cfg.model.num_params(padded_vocab)
         # torch.utils.checkpoint around layers or core attention (megatron-core's recompute needs CUDA).
         apply_activation_checkpointing(self.model, cfg.parallel.activation_checkpointing)

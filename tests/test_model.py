@@ -110,3 +110,33 @@ def test_document_masks_make_packed_documents_independent(single_process_groups)
         alone = model(second)
     torch.testing.assert_close(together[:, first.shape[1]:], alone, rtol=1e-5, atol=1e-5)
     assert masks["loss_mask"][0, first.shape[1] - 1] == 0  # no loss for predicting after EOD
+
+
+@pytest.mark.parametrize("dtype,tied", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False)])
+def test_chunked_output_loss_equals_the_full_logits_loss(single_process_groups, dtype, tied):
+    """The chunked output layer + cross entropy (gradients taken in forward) gives the masked mean
+    loss and every parameter gradient of the unfused path, with chunks that do not divide the tokens."""
+    cfg = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      ffn_hidden_size=128, max_seq_len=64, tie_embeddings=tied)
+    tokens = torch.randint(0, VOCAB, (3, 32))
+    labels = torch.roll(tokens, -1, dims=1)
+    loss_mask = torch.rand(3, 32) > 0.3
+    results = []
+    for chunk in (None, 7):
+        model = LlamaModel(cfg, transformer_config(cfg, params_dtype=dtype), cfg.padded_vocab_size(VOCAB),
+                           seed=3, loss_chunk_tokens=chunk)
+        loss = model(tokens, labels, loss_mask=loss_mask, reduction="mean")
+        (loss * 3.0).backward()  # a non-unit incoming gradient, as the loss scaling of an engine gives
+        with torch.no_grad():
+            evaluated = model(tokens, labels, reduction="mean")
+        results.append((loss.detach(), evaluated, {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (full, full_eval, full_grads), (chunked, chunked_eval, chunked_grads) = results
+    assert chunked.dtype == torch.float32 and chunked.shape == ()
+    # fp32: the same sums in another order; bf16: gradients rounded to bf16 per chunk rather than once.
+    tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(chunked, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(chunked_eval, full_eval, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(full, full_eval)  # the mask changed the mean
+    assert full_grads.keys() == chunked_grads.keys()
+    for name in full_grads:
+        torch.testing.assert_close(chunked_grads[name].float(), full_grads[name].float(), **tolerance, msg=name)
