@@ -50,9 +50,9 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
         "fp16": {
             "enabled": p.precision == "fp16",
             "loss_scale": 0,  # dynamic
-            "initial_scale_power": 16,
-            "loss_scale_window": 1000,
-            "hysteresis": 2,
+            "initial_scale_power": p.fp16_initial_scale_power,
+            "loss_scale_window": p.fp16_loss_scale_window,
+            "hysteresis": p.fp16_hysteresis,
             "min_loss_scale": 1,
         },
         # The pipeline engine sends each stage's output split over the tensor-parallel
@@ -67,14 +67,23 @@ def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
     }
 
 
-def check_precision_supported(precision: str, device: torch.device) -> None:
+def check_precision_supported(precision: str, device: torch.device, zero_stage: int) -> None:
     """fp16 needs an accelerator with half-precision kernels; DeepSpeed's CPU
-    accelerator has them only on CPUs with AVX512-FP16 or AMX."""
+    accelerator has them only on CPUs with AVX512-FP16 or AMX.
+
+    fp16 also needs ZeRO: DeepSpeed's engine multiplies the loss by the loss scale
+    in backward only for its ZeRO optimizers, while its ZeRO-0 fp16 optimizers
+    still divide the gradients by it, so every update would shrink by the scale
+    and gradient clipping would never act.
+    """
     from deepspeed.accelerator import get_accelerator
 
     if precision == "fp16" and device.type == "cpu" and not get_accelerator().is_fp16_supported():
         raise ConfigError("parallel.precision=fp16: DeepSpeed supports fp16 on this CPU only with "
                           "AVX512-FP16/AMX; expected bf16 or fp32 here, or trainer.device=cuda")
+    if precision == "fp16" and zero_stage == 0:
+        raise ConfigError("parallel.precision=fp16 with parallel.zero_stage=0: expected parallel.zero_stage "
+                          ">= 1 (DeepSpeed applies the fp16 loss scale in backward only under ZeRO)")
 
 
 def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
@@ -94,7 +103,7 @@ def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
 
 
 def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel: int):
-    check_precision_supported(cfg.parallel.precision, next(model.parameters()).device)
+    check_precision_supported(cfg.parallel.precision, next(model.parameters()).device, cfg.parallel.zero_stage)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,

@@ -54,14 +54,16 @@ class ChunkedOutputLoss(torch.autograd.Function):
         world = 1 if group is None else dist.get_world_size(group)
         vocab = weight.shape[0]
         first = 0 if world == 1 else dist.get_rank(group) * vocab
-        grad_hidden = torch.empty_like(hidden) if want_grads else None
-        # Accumulated over chunks in fp32, whatever the weights' precision.
+        # The gradients stay in fp32 until backward has scaled them: cast to fp16 before
+        # the loss scale is applied, the small ones would underflow to zero.
+        grad_hidden = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if want_grads else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if want_grads else None
+        weight32 = weight.float() if want_grads else None
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             x, y = hidden[start:start + chunk], labels[start:start + chunk]
             w = token_weights[start:start + chunk]
-            logits = torch.mm(x, weight.t()).float()
+            logits = torch.mm(x, weight.t()).float()  # in the weights' precision, as unfused
             local = y - first
             mine = (local >= 0) & (local < vocab)
             local = local.clamp(0, vocab - 1)
@@ -80,20 +82,17 @@ class ChunkedOutputLoss(torch.autograd.Function):
             # d(weighted loss)/d(logits) = w * (softmax - one-hot), in place over the exponentials.
             grad = exps.mul_((w / sum_exp)[:, None])
             grad.scatter_add_(1, local[:, None], -(w * mine)[:, None])
-            grad = grad.to(hidden.dtype)
-            torch.mm(grad, weight, out=grad_hidden[start:start + chunk])
-            if x.dtype == torch.float32:
-                grad_weight.addmm_(grad.t(), x)
-            else:
-                grad_weight.add_(torch.mm(grad.t(), x))
+            torch.mm(grad, weight32, out=grad_hidden[start:start + chunk])
+            grad_weight.addmm_(grad.t(), x.float())
         ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
+        ctx.dtypes = hidden.dtype, weight.dtype
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return (grad_hidden * grad_loss.to(grad_hidden.dtype), (grad_weight * grad_loss).to(ctx.weight_dtype),
+        hidden_dtype, weight_dtype = ctx.dtypes
+        return ((grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype),
                 None, None, None, None, None)
 
 

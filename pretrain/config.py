@@ -161,9 +161,19 @@ class ParallelConfig:
     # ZeRO-Offload: fp32 master weights, gradients and Adam moments in host memory,
     # updated by DeepSpeed's CPU Adam (a C++ op built on first use).
     offload_optimizer: bool = False
+    # fp16's dynamic loss scale (needs zero_stage >= 1): it starts at 2**fp16_initial_scale_power;
+    # every overflowing step is skipped, and from the fp16_hysteresis-th overflow on each one
+    # halves the scale; fp16_loss_scale_window steps without an overflow double it.
+    fp16_initial_scale_power: int = 16
+    fp16_loss_scale_window: int = 1000
+    fp16_hysteresis: int = 2
 
     def __post_init__(self) -> None:
         _require(self.tensor >= 1, f"parallel.tensor={self.tensor}: expected >= 1")
+        _require(0 <= self.fp16_initial_scale_power <= 64,
+                 f"parallel.fp16_initial_scale_power={self.fp16_initial_scale_power}: expected 0 to 64")
+        for key in ("fp16_loss_scale_window", "fp16_hysteresis"):
+            _require(getattr(self, key) >= 1, f"parallel.{key}={getattr(self, key)}: expected >= 1")
         _require(not (self.offload_optimizer and self.zero_stage == 0),
                  "parallel.offload_optimizer=true: expected parallel.zero_stage >= 1 "
                  "(DeepSpeed offloads ZeRO's optimizer partitions)")

@@ -414,7 +414,7 @@ class Trainer:
 def run(cfg: Config, resolved_yaml: str) -> TrainState:
     """Everything `pretrain` does after the config is valid."""
     device = resolve_device(cfg.trainer.device)
-    check_precision_supported(cfg.parallel.precision, device)  # before any data or model work
+    check_precision_supported(cfg.parallel.precision, device, cfg.parallel.zero_stage)  # before any data or model work
     # SIGUSR1/SIGTERM from here on are served at the first step boundary.
     triggers = SaveTriggers(cfg.trainer.checkpoint_interval, cfg.trainer.checkpoint_minutes, device)
     triggers.install()
