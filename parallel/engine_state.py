@@ -34,10 +34,14 @@ def canonical_name(local: str, pipelined: bool, num_layers: int) -> str:
     """The single-process name of a parameter of `LlamaModel` or of a pipeline stage.
 
     Pipeline stages register layer k as child "k": 0 is the embedding,
-    1..num_layers the transformer layers, num_layers + 1 the head.
+    1..num_layers the transformer layers, num_layers + 1 the head. A tied
+    embedding is DeepSpeed's `tied_modules.<key>` on the first and last
+    stage; both copies are the one-process `embedding.*`.
     """
     if not pipelined:
         return local
+    if local.startswith("tied_modules."):
+        return local.split(".", 2)[2]
     index, rest = local.split(".", 1)
     index = int(index)
     if 1 <= index <= num_layers:

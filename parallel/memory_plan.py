@@ -68,18 +68,21 @@ def head_params(m: ModelConfig, padded_vocab: int, tensor: int) -> int:
 def stage_params(cfg: Config, padded_vocab: int) -> list[int]:
     """Parameters on one tensor-parallel rank of each pipeline stage."""
     m, p = cfg.model, cfg.parallel
-    pieces = ([embedding_params(m, padded_vocab, p.tensor)]
+    embedding = embedding_params(m, padded_vocab, p.tensor)
+    pieces = ([embedding]
               + [layer_params(m, p.tensor)] * m.num_layers
               + [head_params(m, padded_vocab, p.tensor)])
     if p.pipeline == 1:
         return [sum(pieces)]
     if m.tie_embeddings:
-        raise ConfigError("model.tie_embeddings=true with parallel.pipeline > 1 is not supported yet")
+        # The head's use of the tied embedding is a pipeline layer of its own: the
+        # last stage holds a second copy of the weight (and its gradient and states).
+        pieces.append(embedding)
     from deepspeed.runtime.utils import partition_balanced
 
     # The same cut as `parallel.pipeline.build_pipeline` asks DeepSpeed for.
     if p.pipeline_partition == "uniform":
-        weights = [0] + [1] * m.num_layers + [0]
+        weights = [0] + [1] * m.num_layers + [0] * (len(pieces) - m.num_layers - 1)
     else:
         weights = pieces
     bounds = partition_balanced(weights=weights, num_parts=p.pipeline)

@@ -5,12 +5,19 @@ runs through DeepSpeed's `PipelineModule` and its 1F1B engine. Each stage is
 built from the same megatron-core pieces as `pretrain.model.LlamaModel`, and
 initialised under the single-process parameter names, so any partition
 starts from the same weights.
+
+With tied embeddings the embedding stage is a DeepSpeed `TiedLayerSpec`
+used twice: as the embedding on the first stage and, through
+`tied_output_logits`, as the output projection on the last. Each of the two
+stages holds a copy of the weight; DeepSpeed broadcasts it from the first
+stage at start-up and after loading, and all-reduces its gradient between
+the two before every update, so the copies stay equal.
 """
 
 from __future__ import annotations
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import build_module
@@ -18,7 +25,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import ModelConfig
 from pretrain.init import initialize_local
-from parallel.sequence import scatter_to_sequence_parallel_region
+from parallel.sequence import scatter_to_sequence_parallel_region, sequence_parallel_linear
 from pretrain.layers import ColumnParallelLinear, RMSNorm, rotary_frequencies
 from pretrain.model import layer_spec
 
@@ -62,21 +69,49 @@ class TransformerLayerStage(torch.nn.Module):
 
 
 class HeadStage(torch.nn.Module):
-    """Final norm and the vocabulary-parallel output layer; returns logit shards [s, b, v/tp]."""
+    """Final norm and the vocabulary-parallel output layer; returns logit shards [s, b, v/tp].
+
+    With tied embeddings it holds the final norm only and returns the normed
+    hidden states: the projection follows as the tied embedding's head use.
+    """
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int):
         super().__init__()
         self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.norm_eps)
+        self.tied = cfg.tie_embeddings
+        # Tied, the output layer holds no weight, as in the one-process model, and
+        # is kept so that checkpoints carry the same entries (its extra state).
         self.output_layer = ColumnParallelLinear(
             cfg.hidden_size, padded_vocab, config=config, init_method=config.init_method,
-            bias=False, gather_output=False,
+            bias=False, gather_output=False, skip_weight_param_allocation=self.tied,
         )
-        initialize_local([("decoder.final_layernorm.weight", self.final_layernorm.weight),
-                          ("output_layer.weight", self.output_layer.weight)], cfg, seed)
+        named = [("decoder.final_layernorm.weight", self.final_layernorm.weight)]
+        if not self.tied:
+            named.append(("output_layer.weight", self.output_layer.weight))
+        initialize_local(named, cfg, seed)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits, _ = self.output_layer(self.final_layernorm(hidden))
+        hidden = self.final_layernorm(hidden)
+        if self.tied:
+            return hidden
+        logits, _ = self.output_layer(hidden)
         return logits
+
+
+def tied_output_logits(stage: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
+    """The output layer's computation with the embedding's vocabulary shard as its weight.
+
+    As in the untied column-parallel head, the input enters the tensor-parallel
+    region (copied, or gathered from sequence slices) and each rank multiplies
+    by its own vocabulary rows, giving logit shards [s, b, v/tp].
+    """
+    group = parallel_state.get_tensor_model_parallel_group()
+    weight = stage.embedding.weight
+    if stage.sequence_parallel:
+        return sequence_parallel_linear(hidden, weight, None, group)
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group)
+    return torch.matmul(hidden, weight.t())
 
 
 def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -90,13 +125,11 @@ def build_pipeline(
     cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int,
     stages: int, tensor: int, data: int, partition: str = "uniform",
 ) -> PipelineModule:
-    if cfg.tie_embeddings:
-        raise NotImplementedError(
-            "model.tie_embeddings=true with parallel.pipeline > 1 is not supported yet"
-        )
-    specs = [LayerSpec(EmbeddingStage, cfg, config, padded_vocab, seed)]
+    specs = [embedding_spec(cfg, config, padded_vocab, seed)]
     specs += [LayerSpec(TransformerLayerStage, cfg, config, i, seed) for i in range(cfg.num_layers)]
     specs.append(LayerSpec(HeadStage, cfg, config, padded_vocab, seed))
+    if cfg.tie_embeddings:
+        specs.append(embedding_spec(cfg, config, padded_vocab, seed, forward_fn=tied_output_logits))
     module = PipelineModule(
         layers=specs,
         topology=PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data),
@@ -108,6 +141,24 @@ def build_pipeline(
     return module
 
 
+# The key of the tied embedding: its parameters are named `tied_modules.embedding.embedding.*`.
+TIED_EMBEDDING = "embedding"
+
+
+def embedding_spec(cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int,
+                   forward_fn=None) -> LayerSpec:
+    """The embedding stage; tied, one module serves both ends (`forward_fn` gives the head use).
+
+    The first stage's tied module is still pipeline layer 0 in checkpoints,
+    saved as `layer_00-*` with the untied names; the head use has no state of
+    its own and is not saved (DeepSpeed fills it from layer 0 on loading).
+    """
+    if not cfg.tie_embeddings:
+        return LayerSpec(EmbeddingStage, cfg, config, padded_vocab, seed)
+    return TiedLayerSpec(TIED_EMBEDDING, EmbeddingStage, cfg, config, padded_vocab, seed,
+                         forward_fn=forward_fn, tied_weight_attr=["embedding.weight"])
+
+
 def count_replicated_weights_once(module: torch.nn.Module) -> None:
     """Makes DeepSpeed's gradient norm count every stage's replicated weights.
 
@@ -116,11 +167,20 @@ def count_replicated_weights_once(module: torch.nn.Module) -> None:
     so norm weights on later stages would be left out of the norm (and of
     clipping). Marking them `model_parallel` on each stage's first tensor rank
     counts each exactly once.
+
+    The last stage's copy of a tied embedding (`ds_pipe_replicated`) is the
+    opposite case: its gradient, all-reduced with the first stage's, is
+    already counted there. DeepSpeed's ZeRO and bf16 norms skip such copies,
+    but the plain fp32 clipping (`clip_grad_norm_`) counts every model-parallel
+    weight, so the copy is unmarked: never on a stage's rank 0, it is then
+    left out of the norm and still clipped.
     """
     if parallel_state.get_pipeline_model_parallel_rank() == 0:
         return
-    if parallel_state.get_tensor_model_parallel_rank() != 0:
-        return
     for param in module.parameters():
-        if not getattr(param, "tensor_model_parallel", False):
+        if getattr(param, "ds_pipe_replicated", False):
+            param.tensor_model_parallel = False
+            param.model_parallel = False
+        elif parallel_state.get_tensor_model_parallel_rank() == 0 \
+                and not getattr(param, "tensor_model_parallel", False):
             param.model_parallel = True

@@ -13,7 +13,8 @@ client state (step, loader position) are restored as a plain resume would.
 The loader's position is a global sample count, so after a data-parallel
 change the run continues from the same global sample.
 
-Supported sources: fp32 or bf16 with ZeRO stage 0, 1 or 2, any TP x PP.
+Supported sources: fp32 or bf16 with ZeRO stage 0, 1 or 2, any TP x PP,
+tied embeddings included (both pipeline copies are the one `embedding.weight`).
 ZeRO stage 3 and fp16 (loss-scaler state) are refused with one line.
 """
 
@@ -88,16 +89,35 @@ def _optimizer_order(names: list[tuple[str, tuple]]) -> list[str]:
     return decay + rest
 
 
-def _pipeline_stages(directory: Path, tp_rank: int, group_sizes: list[list[int]]) -> list[list[tuple[str, tuple]]]:
-    """Each stage's (local name, shape) list, the stages cut where their optimizer's counts say."""
+def _tied(first: dict) -> bool:
+    """Whether the checkpoint's model ties its output layer to the embedding."""
+    return bool(((first.get("config") or {}).get("model") or {}).get("tie_embeddings", False))
+
+
+# A tied embedding's name in a pipeline engine (`parallel.pipeline.TIED_EMBEDDING`), on both
+# the first and the last stage; its weights are saved once, in pipeline layer 0's file.
+TIED_EMBEDDING = "tied_modules.embedding.embedding.weight"
+LAYER0_EMBEDDING = "0.embedding.weight"
+
+
+def _pipeline_stages(directory: Path, tp_rank: int, group_sizes: list[list[int]],
+                     tied: bool = False) -> list[list[tuple[str, tuple]]]:
+    """Each stage's (local name, shape) list, the stages cut where their optimizer's counts say.
+
+    A tied embedding's copy on the last stage comes first in its parameters
+    (DeepSpeed registers tied modules before the layers); it is named as
+    layer 0's weight, which holds the same values.
+    """
     layers = []
     for p in sorted(directory.iterdir()):
         if (m := LAYER_FILE.fullmatch(p.name)) and int(m.group(2)) == tp_rank:
             index = int(m.group(1))
             layers.append([(f"{index}.{n}", s) for n, s in _local_names(_load(p))])
     stages, position = [], 0
-    for sizes in group_sizes:
+    for number, sizes in enumerate(group_sizes):
         stage: list[tuple[str, tuple]] = []
+        if tied and number == len(group_sizes) - 1 and number > 0:
+            stage = [item for item in layers[0] if item[0] == LAYER0_EMBEDDING]
         while (counts := [len(x) for x in _split(stage)]) != sizes:
             if position == len(layers) or sum(counts) > sum(sizes):
                 raise CheckpointError(f"{directory}: pipeline layer files do not match the optimizer states")
@@ -172,7 +192,7 @@ def read_training_state(path: Path, num_layers: int) -> TrainingState:
             module = states["module"]
             names = _local_names(module)
         else:
-            names = _stage_names(path, layout, pp_rank, tp_rank)
+            names = _stage_names(path, layout, pp_rank, tp_rank, _tied(first))
             # Only fp32 without ZeRO keeps no separate masters: they are the weights themselves.
             masters_are_weights = layout.zero_stage == 0 and layout.precision == "fp32"
             module = _stage_weights(path, tp_rank, names) if masters_are_weights else None
@@ -198,18 +218,20 @@ def _model_states(path: Path, mp_rank: int) -> Path:
     return path / f"mp_rank_{mp_rank:02d}_model_states.pt"
 
 
-def _stage_names(path: Path, layout: Layout, pp_rank: int, tp_rank: int) -> list[tuple[str, tuple]]:
+def _stage_names(path: Path, layout: Layout, pp_rank: int, tp_rank: int,
+                 tied: bool = False) -> list[tuple[str, tuple]]:
     """(local name, shape) of the parameters pipeline stage `pp_rank` held."""
     if layout.zero_stage > 0:  # ZeRO's states name their parameters; offer every layer's
-        return [(f"{int(m.group(1))}.{n}", s) for p in sorted(path.iterdir())
-                if (m := LAYER_FILE.fullmatch(p.name)) and int(m.group(2)) == tp_rank
-                for n, s in _local_names(_load(p))]
+        names = [(f"{int(m.group(1))}.{n}", s) for p in sorted(path.iterdir())
+                 if (m := LAYER_FILE.fullmatch(p.name)) and int(m.group(2)) == tp_rank
+                 for n, s in _local_names(_load(p))]
+        return names + [(TIED_EMBEDDING, s) for n, s in names if tied and n == LAYER0_EMBEDDING]
     sizes = []
     for pp in range(layout.pipeline):
         optimizer = _load(_model_states(path, pp * layout.tensor + tp_rank))["optimizer"]
         optimizer = optimizer.get("optimizer_state_dict", optimizer)  # mixed precision wraps it
         sizes.append([len(group["params"]) for group in optimizer["param_groups"]])
-    return _pipeline_stages(path, tp_rank, sizes)[pp_rank]
+    return _pipeline_stages(path, tp_rank, sizes, tied)[pp_rank]
 
 
 def _stage_weights(path: Path, tp_rank: int, names: list[tuple[str, tuple]]) -> dict[str, torch.Tensor]:

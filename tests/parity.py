@@ -83,6 +83,7 @@ def train_layout(run_dir: str, **layout) -> dict:
     checkpointed = sum("forward" in vars(m) for m in trainer.engine.module.modules())
     continued = trainer.data_parallel_mean(train_step(trainer.engine, trainer.train_loader, trainer.device,
                                                       trainer.loop_clip)[0])
+    tied_weight = tied_embedding(trainer.engine)
 
     from pretrain import checkpoint
 
@@ -92,7 +93,32 @@ def train_layout(run_dir: str, **layout) -> dict:
                                                      restored.device, restored.loop_clip)[0])
     return {"losses": recorder.losses, "continued": continued, "resumed": resumed,
             "step": restored.state.step, "memory": vars(measured), "predicted": vars(predicted),
-            "checkpointed": checkpointed}
+            "checkpointed": checkpointed, "coords": (topology.pp_rank, topology.tp_rank),
+            "tied_weight": tied_weight, "restored_tied_weight": tied_embedding(restored.engine)}
+
+
+def tied_embedding(engine) -> np.ndarray | None:
+    """This rank's copy of a pipeline's tied embedding weight (None when it holds none)."""
+    tied = getattr(engine.module, "tied_modules", None)
+    if not tied:
+        return None
+    return next(iter(tied.values())).embedding.weight.detach().float().numpy().copy()
+
+
+def resumed_step(run_dir: str, checkpoint_dir: str, **layout) -> float:
+    """The loss of the first step after loading `checkpoint_dir` (of any layout) under `layout`."""
+    from parallel.engine import train_step
+    from parallel.groups import init_process_groups
+    from pretrain.trainer import Trainer, TrainingData
+
+    cfg = layout_config(Path(run_dir), **layout)
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
+    cfg.validate_world(topology.world_size)
+    data = TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB)
+    trainer = Trainer(cfg, topology, data)
+    trainer.load_checkpoint(Path(checkpoint_dir))
+    return trainer.data_parallel_mean(train_step(trainer.engine, trainer.train_loader, trainer.device,
+                                                 trainer.loop_clip)[0])
 
 
 def train_layouts(root: str, layouts: dict[str, dict]) -> dict[str, dict]:

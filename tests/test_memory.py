@@ -35,6 +35,18 @@ def test_8b_has_the_published_parameter_count_and_splits_it_over_tensor_and_pipe
     assert stages == [embedding + 16 * layer, 16 * layer + 4096 + embedding]
 
 
+def test_tied_embedding_is_counted_on_the_first_and_the_last_stage():
+    tied = {**LLAMA_8B, "tie_embeddings": True}
+    embedding = 128256 // 8 * 4096
+    assert stage_params(config(tied, tensor=8), 128256) == [stage_params(config(LLAMA_8B, tensor=8), 128256)[0]
+                                                            - embedding]
+    # Each end holds a copy: the last stage's stands where the output layer would be.
+    for partition in ("uniform", "parameters"):
+        split = config(tied, tensor=8, pipeline=2, pipeline_partition=partition)
+        assert stage_params(split, 128256) == stage_params(config(LLAMA_8B, tensor=8, pipeline=2,
+                                                                  pipeline_partition=partition), 128256)
+
+
 def test_bytes_follow_the_zero_stage_precision_and_offload():
     def per_rank(world, **parallel):
         (_, count, memory), = plan_memory(config(LLAMA_8B, **parallel), world)

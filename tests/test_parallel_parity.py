@@ -38,6 +38,10 @@ TWO_RANKS = {
     "dp2_zero3_bf16": {"zero": 3, "precision": "bf16"},
 }
 
+# Tied input/output embeddings across the first and last pipeline stage, against the
+# one-process tied model (trained by `tied_reference`).
+TIED_TWO_RANKS = {"pp2_tied": {"pipeline": 2, "tie": True}}
+TIED_FOUR_RANKS = {"tp2_pp2_tied": {"tensor": 2, "pipeline": 2, "tie": True}}
 
 ROOTS = {}
 
@@ -62,7 +66,7 @@ SINGLE = {
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     ROOTS["two"] = root = tmp_path_factory.mktemp("two")
-    return run_distributed(train_layouts, 2, str(root), TWO_RANKS)
+    return run_distributed(train_layouts, 2, str(root), {**TWO_RANKS, **TIED_TWO_RANKS})
 
 
 def assert_close(actual, expected, rtols):
@@ -113,7 +117,7 @@ FOUR_RANKS = {
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     ROOTS["four"] = root = tmp_path_factory.mktemp("four")
-    return run_distributed(train_layouts, 4, str(root), FOUR_RANKS)
+    return run_distributed(train_layouts, 4, str(root), {**FOUR_RANKS, **TIED_FOUR_RANKS})
 
 
 @pytest.mark.parametrize("layout", FOUR_RANKS)
@@ -190,3 +194,72 @@ def test_memory_plan_predicts_what_each_rank_allocates(reference, two_ranks, fou
         check_memory(rank_result[layout])
     if layout == "dp2_zero1_offload":  # the optimizer states moved to host memory
         assert all(r[layout]["memory"]["optimizer"] == 0 < r[layout]["memory"]["offloaded"] for r in results)
+
+
+# --- tied embeddings under pipeline parallelism ------------------------------------------------
+
+TIED_LAYOUTS = [("two", name) for name in TIED_TWO_RANKS] + [("four", name) for name in TIED_FOUR_RANKS]
+
+
+@pytest.fixture(scope="module")
+def tied_reference(single_process_groups, tmp_path_factory):
+    ROOTS["single_tied"] = root = tmp_path_factory.mktemp("single_tied")
+    return train_layouts(str(root), {"tied": {"tie": True}})["tied"]
+
+
+def tied_results(two_ranks, four_ranks, world, layout) -> list[dict]:
+    return [r[layout] for r in {"two": two_ranks, "four": four_ranks}[world]]
+
+
+@pytest.mark.parametrize("world,layout", TIED_LAYOUTS)
+def test_tied_pipeline_layout_matches_the_single_process_tied_model(tied_reference, two_ranks, four_ranks,
+                                                                    world, layout):
+    for result in tied_results(two_ranks, four_ranks, world, layout):
+        assert_close(result["losses"], tied_reference["losses"], [FP32_RTOL] * STEPS)
+        # A fresh engine loaded from the checkpoint takes the same next step.
+        assert result["step"] == STEPS
+        assert result["resumed"] == pytest.approx(result["continued"], rel=1e-6)
+        check_memory(result)
+
+
+def test_tying_changes_the_model(reference, tied_reference):
+    # Otherwise the tied parity above would not tell the two layouts apart.
+    assert abs(tied_reference["losses"][-1] - reference["fp32"]["losses"][-1]) > 1e-3
+
+
+@pytest.mark.parametrize("world,layout", TIED_LAYOUTS)
+def test_tied_embedding_is_the_same_on_first_and_last_stage(two_ranks, four_ranks, world, layout):
+    import numpy as np
+
+    results = tied_results(two_ranks, four_ranks, world, layout)
+    stages = {pp for pp, _ in (r["coords"] for r in results)}
+    assert stages == {0, 1}
+    for key in ("tied_weight", "restored_tied_weight"):  # after training, and after loading
+        first = {r["coords"][1]: r[key] for r in results if r["coords"][0] == 0}
+        for result in results:
+            pp, tp = result["coords"]
+            assert result[key] is not None
+            assert np.array_equal(result[key], first[tp]), (key, pp, tp)
+
+
+@pytest.mark.parametrize("world,layout", TIED_LAYOUTS)
+def test_tied_pipeline_checkpoint_consolidates_to_the_single_process_model(tied_reference, two_ranks,
+                                                                          four_ranks, world, layout):
+    from pretrain.consolidate import load_checkpoint
+
+    names = set(load_checkpoint(ROOTS[world] / layout).state_dict)
+    assert "embedding.weight" in names and "output_layer.weight" not in names
+    assert names == set(load_checkpoint(ROOTS["single_tied"] / "tied").state_dict)
+    expected = consolidated_loss(ROOTS["single_tied"] / "tied")
+    assert consolidated_loss(ROOTS[world] / layout) == pytest.approx(expected, rel=1e-4)
+
+
+def test_tied_pipeline_checkpoint_resumes_in_one_process(tied_reference, two_ranks, tmp_path):
+    # Resharded from PP=2 to one process: the next step equals the one the PP=2 run took.
+    from parity import resumed_step
+    from pretrain import checkpoint
+
+    source = ROOTS["two"] / "pp2_tied"
+    loss = resumed_step(str(tmp_path / "resumed"), str(checkpoint.latest_checkpoint(str(source))), tie=True)
+    for result in tied_results(two_ranks, None, "two", "pp2_tied"):
+        assert loss == pytest.approx(result["continued"], rel=FP32_RTOL)
