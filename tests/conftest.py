@@ -20,6 +20,13 @@ def single_process_groups():
     destroy_process_groups()
 
 
+@pytest.fixture(scope="session")
+def tiny_data_cache(tmp_path_factory) -> Path:
+    """A data.cache_dir shared by a test session's TINY runs: the tokenizer and shards are
+    prepared once (several seconds) rather than once per test module."""
+    return tmp_path_factory.mktemp("tiny_data_cache")
+
+
 def run_pretrain(*overrides: str, cwd: Path, timeout: int = 600, env: dict | None = None):
     """Runs the `pretrain` console entry point in a fresh process."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}

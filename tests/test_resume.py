@@ -4,8 +4,9 @@ One process: a straight run of N steps, and a chain of runs on another
 directory: killed (-9) after a step, killed (-9) in the middle of a save,
 stopped by SIGTERM, then finished with a SIGUSR1 on the way. Every loss the
 chain logged, redone steps included, and the final weights equal the straight
-run's bit for bit. Two ranks: tensor and data parallel in-process resumes, a
-signal to one rank only, and a real kill -9 of one torchrun worker mid-save.
+run's bit for bit. Two ranks: tensor and data parallel in-process resumes (fp32,
+and bf16 under ZeRO-1) with a signal to one rank only. Real kills in bf16 and of
+one torchrun worker: tests/test_resume_layouts.py.
 """
 
 import json
@@ -29,8 +30,10 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("resume")
+def workdir(tmp_path_factory, tiny_data_cache) -> Path:
+    path = tmp_path_factory.mktemp("resume")
+    (path / "cache").symlink_to(tiny_data_cache)  # data prepared once for the session
+    return path
 
 
 def args(workdir: Path, run: str, *extra: str) -> tuple[str, ...]:
@@ -186,7 +189,8 @@ def two_rank_resumes(root: str) -> dict:
     from pretrain import checkpoint
 
     results = {}
-    for name, layout in {"tp2": {"tensor": 2}, "dp2_zero1": {"zero": 1}}.items():
+    for name, layout in {"tp2": {"tensor": 2}, "dp2_zero1": {"zero": 1},
+                         "dp2_zero1_bf16": {"zero": 1, "precision": "bf16"}}.items():
         topology = init_process_groups(layout.get("tensor", 1), 1, torch.device("cpu"))
         straight = train(make_trainer(topology, Path(root) / name / "straight", **layout), 6)
         run_dir = Path(root) / name / "resumed"
@@ -221,34 +225,3 @@ def test_tensor_and_data_parallel_resume_bit_exactly(tmp_path):
             # Rank 1's SIGUSR1 made both ranks save at step 4, which removed the unfinished 5.
             assert result["complete"] == [3, 4, 6], (rank, layout, result["complete"])
 
-
-def test_torchrun_worker_killed_mid_save(workdir, straight):
-    """kill -9 of rank 1 while it writes step 4 (data parallel, ZeRO-1): step 2 stays the
-    newest checkpoint, and the resumed run redoes steps 3 and 4 bit-identically."""
-    run_dir = workdir / "torchrun_dp2"
-
-    def torchrun(*extra_env):
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-        env.update(ENV, WANDB_MODE="offline", PYTHONUNBUFFERED="1", **dict(extra_env))
-        return subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-             "-m", "pretrain.main", *args(workdir, "torchrun_dp2", "parallel.zero_stage=1",
-                                          "trainer.micro_batch_size=4", "trainer.train_steps=6", "trainer.checkpoint_interval=2")],
-            cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
-
-    killed = torchrun(("PRETRAIN_FAULT", "kill_in_save=4@1"))
-    assert killed.returncode != 0
-    assert complete_steps(run_dir) == [2]
-    partial = run_dir / "checkpoints" / "step_0000004.partial"
-    assert partial.is_dir() and not (partial / "COMPLETE").exists()
-    before = {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
-    assert sorted(before) == [1, 2, 3, 4]
-
-    resumed = torchrun()
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "at step 2" in resumed.stdout
-    after = [(r["step"], r["loss"]) for r in records(run_dir) if "loss" in r][4:]
-    assert [s for s, _ in after] == [3, 4, 5, 6]
-    assert [loss for s, loss in after if s in before] == [before[3], before[4]]
-    assert complete_steps(run_dir) == [2, 4, 6] and not partial.exists()

@@ -1,0 +1,179 @@
+"""kill -9 of real `pretrain` runs in bf16 and across two ranks: resumed runs are bit-identical.
+
+Each case trains N steps straight, then the same N steps as a chain of runs on
+another directory: killed (-9) after a random step, killed (-9) in the middle
+of the save of a random checkpoint step, then resumed to the end. Every loss
+and gradient norm the chain logged, redone steps included, and every tensor of
+every file of the final checkpoint (model states of each tensor-parallel rank,
+optimizer states, RNG states) equal the straight run's bit for bit. The
+two-rank cases run under torchrun, and the fault kills one rank only, drawn at
+random too.
+
+The kill steps come from `random.Random` seeded per test session; the seed is
+printed and named in every assertion message. PRETRAIN_RESUME_SEED=<seed>
+replays a failed draw.
+
+Coverage of {fp32, bf16} x {one process, TP=2, DP=2 with ZeRO-1} by real kills:
+
+    one process fp32   tests/test_resume.py (with SIGTERM and SIGUSR1 in the chain)
+    one process bf16   here
+    TP=2 bf16          here, torchrun
+    DP=2 fp32          here, torchrun
+    TP=2 fp32          in-process resume, tests/test_resume.py::test_tensor_and_data_parallel_resume_bit_exactly
+    DP=2 bf16          in-process resume, same test
+
+A chain costs four process starts (a torchrun pair about 20 s on two cores),
+so the last two cells resume in-process: the trainer is rebuilt and loads the
+newest complete checkpoint after a save whose manifest never appeared, which
+is the same load path a killed run takes. The real kills still go through each
+of DeepSpeed's optimizer paths: plain fp32 (one process), its bf16 optimizer
+(one process, TP=2) and ZeRO-1 (DP=2).
+"""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY
+from pretrain.checkpoint import complete_checkpoints
+
+STEPS = 8
+INTERVAL = 2  # small, so every resume starts from an earlier checkpoint and redoes steps
+COMMON = (*TINY, "trainer.eval_interval=0", "trainer.log_interval=1", f"trainer.checkpoint_interval={INTERVAL}",
+          f"trainer.train_steps={STEPS}", "trainer.compile=none")
+
+SEED = int(os.environ.get("PRETRAIN_RESUME_SEED", random.SystemRandom().randrange(2**32)))
+
+# name: (ranks, overrides)
+LAYOUTS = {
+    "single_bf16": (1, ("parallel.precision=bf16",)),
+    "tp2_bf16": (2, ("parallel.tensor=2", "parallel.precision=bf16")),
+    "dp2_zero1_fp32": (2, ("parallel.zero_stage=1", "trainer.micro_batch_size=4")),
+}
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory, tiny_data_cache) -> Path:
+    print(f"kill steps drawn with PRETRAIN_RESUME_SEED={SEED}")
+    path = tmp_path_factory.mktemp("resume_layouts")
+    (path / "cache").symlink_to(tiny_data_cache)  # data prepared once for the session
+    return path
+
+
+def pretrain(workdir: Path, ranks: int, run: str, overrides: tuple[str, ...], fault: str = ""):
+    """One `pretrain` process, or a torchrun job of `ranks` processes, on run directory `run`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PRETRAIN_FAULT")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    if fault:
+        env["PRETRAIN_FAULT"] = fault
+    launcher = ([sys.executable, "-m", "pretrain.main"] if ranks == 1 else
+                [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+                 "-m", "pretrain.main"])
+    return subprocess.run(
+        [*launcher, *COMMON, *overrides, f"data.cache_dir={workdir / 'cache'}", f"trainer.run_dir={workdir / run}"],
+        cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+
+
+def draw_kills(name: str, ranks: int) -> tuple[int, int, str]:
+    """(kill_after_step, kill_in_save, "@rank" or ""): the first kill lands on any step from
+    the first checkpoint to the one before last, the second on a checkpoint step after the
+    newest one the first kill left behind."""
+    rng = random.Random(f"{SEED}/{name}")
+    after_step = rng.randrange(INTERVAL, STEPS)
+    in_save = rng.choice(range(after_step // INTERVAL * INTERVAL + INTERVAL, STEPS + 1, INTERVAL))
+    return after_step, in_save, f"@{rng.randrange(ranks)}" if ranks > 1 else ""
+
+
+def tensors(value, prefix: str = ""):
+    """Every tensor inside a loaded checkpoint file, by its path of keys."""
+    if isinstance(value, torch.Tensor):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from tensors(item, f"{prefix}/{key}")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from tensors(item, f"{prefix}/{i}")
+
+
+def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for file in sorted(path.glob("*.pt")):
+        loaded = torch.load(file, map_location="cpu", weights_only=False)
+        found.update({f"{file.name}{key}": t for key, t in tensors(loaded)})
+    return found
+
+
+def differing(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+    assert actual.keys() == expected.keys(), sorted(actual.keys() ^ expected.keys())
+    return [k for k in expected if actual[k].dtype != expected[k].dtype or not torch.equal(actual[k], expected[k])]
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    return [step for step, _ in complete_checkpoints(run_dir)]
+
+
+def losses(run_dir: Path) -> list[tuple[int, tuple[float, float]]]:
+    """(step, (loss, gradient norm)) of every step a run directory's runs logged."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], (r["loss"], r["grad_norm"])) for r in records if "loss" in r]
+
+
+@pytest.mark.parametrize("name", LAYOUTS)
+def test_killed_runs_resume_bit_exactly(workdir, name):
+    ranks, overrides = LAYOUTS[name]
+    after_step, in_save, at_rank = draw_kills(name, ranks)
+    draw = (f"{name}: kill_after_step={after_step}{at_rank}, then kill_in_save={in_save}{at_rank} "
+            f"(PRETRAIN_RESUME_SEED={SEED})")
+    print(draw)
+    run_dir, straight_dir = workdir / name, workdir / f"{name}_straight"
+
+    def assert_killed(result):
+        if ranks == 1:
+            assert result.returncode == -signal.SIGKILL, (draw, result.stderr[-3000:])
+        else:  # torchrun names the worker that got the signal; the other one lost its peer
+            assert result.returncode == 1 and "Signal 9 (SIGKILL)" in result.stderr, (draw, result.stderr[-3000:])
+
+    straight = pretrain(workdir, ranks, straight_dir.name, overrides)
+    assert straight.returncode == 0, (draw, straight.stderr[-3000:])
+    expected = dict(losses(straight_dir))
+    assert sorted(expected) == list(range(1, STEPS + 1)), draw
+
+    killed = pretrain(workdir, ranks, name, overrides, f"kill_after_step={after_step}{at_rank}")
+    assert_killed(killed)
+    assert losses(run_dir)[-1][0] == after_step, draw
+    resumed_at = after_step // INTERVAL * INTERVAL
+    assert complete_steps(run_dir) == list(range(INTERVAL, resumed_at + 1, INTERVAL)), draw
+
+    # Killed between writing step `in_save` and committing it: that save never counts.
+    killed = pretrain(workdir, ranks, name, overrides, f"kill_in_save={in_save}{at_rank}")
+    assert_killed(killed)
+    assert losses(run_dir)[-1][0] == in_save, draw
+    assert f"at step {resumed_at}" in killed.stdout, (draw, killed.stdout[-3000:])
+    partial = run_dir / "checkpoints" / f"step_{in_save:07d}.partial"
+    assert partial.is_dir() and not (partial / "COMPLETE").exists(), draw
+    assert complete_steps(run_dir) == list(range(INTERVAL, in_save, INTERVAL)), draw
+
+    finished = pretrain(workdir, ranks, name, overrides)
+    assert finished.returncode == 0, (draw, finished.stderr[-3000:])
+    assert f"at step {in_save - INTERVAL}" in finished.stdout, (draw, finished.stdout[-3000:])
+    assert not partial.exists(), draw
+
+    chain = losses(run_dir)
+    assert sorted({step for step, _ in chain}) == list(range(1, STEPS + 1)), (draw, chain)
+    # Redone: the steps between the first kill and the checkpoint before it, and the steps
+    # of the checkpoint whose save was killed.
+    assert len(chain) == STEPS + after_step - resumed_at + INTERVAL, (draw, chain)
+    assert [(s, logged) for s, logged in chain if logged != expected[s]] == [], (draw, chain, expected)
+    final = f"checkpoints/step_{STEPS:07d}"
+    actual_files = sorted(p.name for p in (run_dir / final).iterdir())
+    assert actual_files == sorted(p.name for p in (straight_dir / final).iterdir()), draw
+    assert differing(checkpoint_tensors(run_dir / final), checkpoint_tensors(straight_dir / final)) == [], draw
