@@ -15,11 +15,16 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from data_pipeline.corpus import CorpusError
-from data_pipeline.sources import payload_text
+from data_pipeline.sources import RAW_TEXT, payload_text
 
 STAGES = ("decode", "normalize", "control_chars", "min_length", "max_length", "dedup")
 # C0 and C1 control characters except tab, newline and carriage return.
 _CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+# The same characters found in a text's UTF-8 bytes, several times faster than the regex
+# above on the text: deleting the C0 controls and DEL is a plain table loop, and the C1
+# controls (U+0080-U+009F) are 0xC2 then 0x80-0x9F, a pattern with a literal first byte.
+_C0_BYTES = bytes([*range(0x00, 0x09), 0x0B, 0x0C, *range(0x0E, 0x20), 0x7F])
+_C1_UTF8 = re.compile(b"\xc2[\x80-\x9f]")
 
 
 class DataError(CorpusError):
@@ -87,7 +92,12 @@ class Report:
 
 
 def content_hash(text: str) -> bytes:
-    return hashlib.blake2b(text.encode("utf-8"), digest_size=16).digest()
+    return bytes_hash(text.encode("utf-8"))
+
+
+def bytes_hash(data: bytes) -> bytes:
+    """`content_hash` of the text whose UTF-8 encoding is `data`."""
+    return hashlib.blake2b(data, digest_size=16).digest()
 
 
 def nbytes(text: str) -> int:
@@ -98,10 +108,13 @@ def nbytes(text: str) -> int:
 def clean_records(
     records: list[tuple[str, bytes | str]], cfg: CleaningConfig, source_names: list[str],
     sources: list[int], report: Report, kept_sources: list[int] | None = None,
+    kept_bytes: list[bytes] | None = None,
 ) -> list[str]:
     """Decodes and cleans a batch of (mode, payload) records; drops and counts what fails.
 
-    `kept_sources`, if given, receives the source of each text returned.
+    `kept_sources`, if given, receives the source of each text returned, and
+    `kept_bytes` its UTF-8 encoding (computed here anyway, so callers that hash
+    or encode bytes need not encode again).
     """
     out: list[str] = []
     s = report.stages
@@ -109,38 +122,47 @@ def clean_records(
         s["decode"].enter(len(payload) if isinstance(payload, bytes) else nbytes(payload))
         try:
             text = payload_text(mode, payload, cfg.text_field)
-        except (UnicodeDecodeError, ValueError) as err:
+            # A raw payload is the text's UTF-8 already (its decoding just checked that).
+            data = payload if mode == RAW_TEXT else text.encode("utf-8")
+        except (UnicodeError, ValueError) as err:  # UnicodeEncodeError: a lone surrogate from JSON
             if cfg.on_bad_record == "error":
                 raise DataError(f"{source_names[source]}: bad record ({_reason(err)})") from None
             continue
-        size = nbytes(text)
-        s["decode"].leave(size)
+        s["decode"].leave(len(data))
 
-        s["normalize"].enter(size)
-        if cfg.normalize != "none" and not unicodedata.is_normalized(cfg.normalize, text):
+        s["normalize"].enter(len(data))
+        # Every normalisation form leaves ASCII text as it is.
+        if cfg.normalize != "none" and not text.isascii() and not unicodedata.is_normalized(cfg.normalize, text):
             text = unicodedata.normalize(cfg.normalize, text)
-            size = nbytes(text)
-        s["normalize"].leave(size)
+            data = text.encode("utf-8")
+        s["normalize"].leave(len(data))
 
-        s["control_chars"].enter(size)
-        if cfg.strip_control and _CONTROL.search(text):
+        s["control_chars"].enter(len(data))
+        if cfg.strip_control and _has_control(data):
             text = _CONTROL.sub("", text)
-            size = nbytes(text)
-        s["control_chars"].leave(size)
+            data = text.encode("utf-8")
+        s["control_chars"].leave(len(data))
 
-        s["min_length"].enter(size)
+        s["min_length"].enter(len(data))
         if len(text.strip()) < max(cfg.min_chars, 1):
             continue
-        s["min_length"].leave(size)
+        s["min_length"].leave(len(data))
 
-        s["max_length"].enter(size)
+        s["max_length"].enter(len(data))
         if cfg.max_chars and len(text) > cfg.max_chars:
             continue
-        s["max_length"].leave(size)
+        s["max_length"].leave(len(data))
         out.append(text)
         if kept_sources is not None:
             kept_sources.append(source)
+        if kept_bytes is not None:
+            kept_bytes.append(data)
     return out
+
+
+def _has_control(data: bytes) -> bool:
+    """Whether the text whose UTF-8 encoding is `data` holds a character that `_CONTROL` matches."""
+    return len(data.translate(None, _C0_BYTES)) != len(data) or _C1_UTF8.search(data) is not None
 
 
 def _reason(err: Exception) -> str:

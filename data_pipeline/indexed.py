@@ -41,6 +41,23 @@ class ShardWriter:
         self.documents += 1
         self.tokens += len(doc)
 
+    def add_documents(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """Appends documents laid end to end in `tokens`, `lengths[k]` tokens each.
+
+        The same bytes as `add` once per document, in one write: the builder's
+        per-document path copies every document twice before writing it.
+        """
+        lengths = lengths.tolist()  # Python ints, as `add_document` stores them
+        if sum(lengths) != len(tokens):
+            raise ValueError(f"{self.prefix}: {len(tokens)} tokens, but the lengths add up to {sum(lengths)}")
+        builder = self.builder
+        builder.data_file.write(np.ascontiguousarray(tokens, dtype=self.dtype).data)
+        first = len(builder.sequence_lengths)
+        builder.sequence_lengths.extend(lengths)
+        builder.document_indices.extend(range(first + 1, first + len(lengths) + 1))
+        self.documents += len(lengths)
+        self.tokens += len(tokens)
+
     def commit(self) -> int:
         self.builder.finalize(f"{self.tmp}.idx")
         # The index goes last: a prefix whose .idx exists is complete.

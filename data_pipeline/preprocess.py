@@ -1,13 +1,14 @@
 """Raw inputs → N token shards (megatron-core `.bin`/`.idx`) + a manifest, on every core.
 
 One process reads raw records (bytes, no parsing) and cuts them into chunks of
-about `chunk_bytes`; worker processes decode, clean, hash and encode a chunk
-each (SentencePiece with one thread per process: its own threaded batch
-encode balances badly on long documents, equal-sized chunks balance well);
-the reading process drops duplicate hashes and appends the rest to the shard.
-At most two chunks per worker are in flight, so memory stays bounded whatever
-the corpus size, and results are taken in input order, so the shards are the
-same whatever the number of workers.
+at most `chunk_bytes` (smaller towards the end of the input, so that the
+workers finish together); worker processes decode, clean, hash and encode a
+chunk each (SentencePiece with one thread per process: its own threaded batch
+encode balances badly on long documents, small chunks from one shared queue
+balance well); the reading process drops duplicate hashes and appends the rest
+to the shard. At most `AHEAD_PER_WORKER` chunks per worker are in flight, so
+memory stays bounded whatever the corpus size, and results are taken in input
+order, so the shards are the same whatever the number of workers or chunking.
 
 Which shard a record goes to depends only on how far through the node's inputs
 it lies (by bytes on disk), so a rerun knows each shard's records without
@@ -31,7 +32,6 @@ import json
 import multiprocessing as mp
 import os
 import time
-from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -39,13 +39,20 @@ from typing import Callable, Iterator
 import numpy as np
 
 from data_pipeline.cleaning import (
-    CleaningConfig, DataError, Deduplicator, Report, clean_records, content_hash, nbytes,
+    CleaningConfig, DataError, Deduplicator, Report, bytes_hash, clean_records,
 )
 from data_pipeline.indexed import ShardWriter, token_dtype
+from data_pipeline.ordered_pool import OrderedPool
 from data_pipeline.sources import Input, node_share, read_records, resolve_inputs
 from data_pipeline.tokenizer import Tokenizer
 
 MANIFEST = "manifest.json"
+WORKER_STAGES = ("clean", "hash", "encode", "pack")
+# Chunks in flight per worker: enough that the others stay busy while the reading
+# process waits on a chunk holding one very long document (several times the usual work).
+AHEAD_PER_WORKER = 4
+# The smallest chunk cut towards the end of the input, as a fraction of `chunk_bytes`.
+_TAIL_FRACTION = 1 / 32
 
 
 @dataclass
@@ -88,29 +95,49 @@ def _hash_chunk(chunk: tuple[int, list[int], list]) -> tuple[list[bytes], list[i
     """(content hashes, input index) of the documents of a chunk that survive cleaning."""
     _, sources, records = chunk
     kept: list[int] = []
-    texts = clean_records(records, _worker["cfg"], _worker["names"], sources, Report(), kept)
-    return [content_hash(t) for t in texts], kept
+    data: list[bytes] = []
+    clean_records(records, _worker["cfg"], _worker["names"], sources, Report(), kept, data)
+    return [bytes_hash(d) for d in data], kept
 
 
 def _process_chunk(chunk: tuple[int, list[int], list]) -> tuple:
     shard, sources, records = chunk
+    clock = time.process_time
+    started = clock()
     report = Report()
-    texts = clean_records(records, _worker["cfg"], _worker["names"], sources, report)
-    sizes = [nbytes(t) for t in texts]
-    return (shard, report.to_dict(), sizes, *encode_texts(_worker["sp"], texts, _worker["dtype"]))
+    data: list[bytes] = []
+    clean_records(records, _worker["cfg"], _worker["names"], sources, report, kept_bytes=data)
+    cleaned = clock()
+    hashes = [bytes_hash(d) for d in data]
+    hashed = clock()
+    sp = _worker["sp"]
+    ids = encode_ids(sp, data)
+    encoded = clock()
+    lengths, flat = pack_ids(ids, sp.eos_id(), _worker["dtype"])
+    cpu = (cleaned - started, hashed - cleaned, encoded - hashed, clock() - encoded)
+    return shard, report.to_dict(), [len(d) for d in data], hashes, lengths, flat, cpu
 
 
-def encode_texts(sp, texts: list[str], dtype) -> tuple[list[bytes], np.ndarray, np.ndarray]:
-    """(content hashes, lengths, concatenated tokens with EOS after each document)."""
-    hashes = [content_hash(t) for t in texts]
-    ids = sp.encode(texts, num_threads=1)
-    eos = sp.eos_id()
+def encode_ids(sp, texts: list[bytes] | list[str]) -> list[np.ndarray]:
+    """Every document's ids, one int32 array each.
+
+    SentencePiece hands them back as buffers, so no Python int is ever made per
+    token (making them costs several per cent of the encode itself).
+    """
+    return sp.encode(texts, num_threads=1, out_type="numpy")
+
+
+def pack_ids(ids: list[np.ndarray], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, the documents' ids end to end with EOS after each), each cast once into place."""
+    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
+    flat = np.empty(int(lengths.sum()), dtype=dtype)
+    start = 0
     for doc in ids:
-        doc.append(eos)
-    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
-    # One array per document, then one copy: about twice as fast as iterating every token.
-    flat = np.concatenate([np.array(d, dtype=dtype) for d in ids]) if ids else np.zeros(0, dtype=dtype)
-    return hashes, lengths, flat
+        end = start + len(doc)
+        flat[start:end] = doc
+        flat[end] = eos
+        start = end + 1
+    return lengths, flat
 
 
 # --- reading side ---------------------------------------------------------------------------
@@ -122,12 +149,17 @@ def _chunks(
 
     A record's shard is fixed by how far through the node's inputs it lies: by
     bytes on disk, or by raw bytes read when the corpus has a byte budget.
+    A chunk is cut before the record that would take it past `chunk_bytes`,
+    and past a share of what is left once little is, so that every worker has
+    work until the end; chunking changes no output.
     """
     sizes = [max(inputs[i].size, 1) for i in mine]
     budget = job.max_bytes
     total = float(budget or sum(sizes))
     start, consumed = 0.0, 0
     n = job.num_shards
+    share = 1.0 / (AHEAD_PER_WORKER * max(1, job.workers))
+    smallest = job.chunk_bytes * _TAIL_FRACTION
     for i, size in zip(mine, sizes):
         first, last = int(start / total * n), min(n - 1, int((start + size) / total * n))
         if budget is None and all(s in finished for s in range(first, last + 1)):
@@ -138,9 +170,11 @@ def _chunks(
             if budget is not None and consumed >= budget:
                 break
             where = consumed if budget is not None else start + record.position * size
-            consumed += len(record.payload)
+            length = len(record.payload)
+            consumed += length
             s = min(n - 1, int(where / total * n))
-            if s != shard or nbytes >= job.chunk_bytes:
+            if s != shard or (records and nbytes + length > min(
+                    job.chunk_bytes, max(smallest, (total - where) * share))):
                 if records:
                     yield shard, sources, records
                 shard, sources, records, nbytes = s, [], [], 0
@@ -148,32 +182,20 @@ def _chunks(
                 continue
             sources.append(i)
             records.append((record.mode, record.payload))
-            nbytes += len(record.payload)
+            nbytes += length
         if records:
             yield shard, sources, records
         start += size
 
 
-def _in_order(pool, workers: int, fn: Callable, chunks: Iterator) -> Iterator:
-    """`fn(chunk)` of every chunk, run on `pool` with at most two chunks per worker in flight,
-    taken in chunk order."""
-    pending: deque = deque()
-    while True:
-        while len(pending) < 2 * workers:
-            chunk = next(chunks, None)
-            if chunk is None:
-                break
-            pending.append(pool.apply_async(fn, (chunk,)))
-        if not pending:
-            return
-        yield pending.popleft().get()
-
-
-def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: str = "all") -> dict:
+def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: str = "all",
+               stage_cpu: dict[str, float] | None = None) -> dict:
     """Runs (or finishes) one node's share of a preprocessing job; returns its manifest.
 
     `phase="hashes"` only writes this node's document hashes for cross-node
     deduplication (see the module docstring) and returns {"hashes": path}.
+    `stage_cpu`, if given, receives the CPU seconds the workers spent in each
+    stage of encoding, summed over workers (`WORKER_STAGES`).
     """
     if phase not in ("all", "hashes"):
         raise ValueError(f"phase={phase!r}: expected 'all' or 'hashes'")
@@ -219,19 +241,23 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: st
     import megatron.core.datasets.indexed_dataset  # noqa: F401
 
     workers = max(1, job.workers)
+    ahead = AHEAD_PER_WORKER * workers
     ctx = mp.get_context("fork" if hasattr(os, "fork") else "spawn")
-    pool = ctx.Pool(workers, _init_worker,
-                    (tokenizer.model_bytes, job.cleaning, [x.name for x in inputs], np.dtype(dtype).name))
+    pool = OrderedPool(ctx, workers, _init_worker,
+                       (tokenizer.model_bytes, job.cleaning, [x.name for x in inputs], np.dtype(dtype).name))
     try:
         if job.num_nodes > 1 and job.cleaning.dedup:
-            hashes_path = _write_node_hashes(job, inputs, mine, output, pool, workers, log)
+            hashes_path = _write_node_hashes(job, inputs, mine, output, pool, ahead, log)
             if phase == "hashes":
                 pool.close()
-                pool.join()
                 return {"hashes": str(hashes_path)}
             dedup.seen.update(_other_nodes_first(job, inputs, output, log))
-        for shard, report, sizes, hashes, lengths, flat in _in_order(
-                pool, workers, _process_chunk, _chunks(inputs, mine, job, set(done))):
+        stage_cpu = {} if stage_cpu is None else stage_cpu
+        stage_cpu.update(dict.fromkeys(WORKER_STAGES, 0.0))
+        for shard, report, sizes, hashes, lengths, flat, cpu in pool.imap(
+                _process_chunk, _chunks(inputs, mine, job, set(done)), ahead, last=True):
+            for stage, seconds in zip(WORKER_STAGES, cpu):
+                stage_cpu[stage] += seconds
             advance_to(shard)
             _append(state, dedup, Report.from_dict(report), sizes, hashes, lengths, flat)
         advance_to(job.num_shards)
@@ -241,7 +267,6 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: st
             state["writer"].abort()
         raise
     pool.close()
-    pool.join()
 
     shards = [json.loads(Path(f"{p}.json").read_text()) | {"prefix": p.name} for p in prefixes]
     total = Report()
@@ -289,13 +314,13 @@ def _job_key(job: PreprocessJob, inputs: list[Input]) -> str:
 
 
 def _write_node_hashes(job: PreprocessJob, inputs: list[Input], mine: list[int], output: Path,
-                       pool, workers: int, log: Callable[[str], None]) -> Path:
+                       pool: OrderedPool, ahead: int, log: Callable[[str], None]) -> Path:
     """Phase one: every document hash of this node's share with the first input holding it."""
     path = node_hashes_path(output, job.node_rank, job.num_nodes)
     if path.is_file() and _load_node_hashes(path, _job_key(job, inputs)) is not None:
         return path  # written by an earlier run of this node
     first: dict[bytes, int] = {}
-    for digests, sources in _in_order(pool, workers, _hash_chunk, _chunks(inputs, mine, job, set())):
+    for digests, sources in pool.imap(_hash_chunk, _chunks(inputs, mine, job, set()), ahead):
         for digest, source in zip(digests, sources):
             first.setdefault(digest, source)  # chunks arrive in input order
     hashes = np.frombuffer(b"".join(first), dtype=np.uint8).reshape(-1, 16)
@@ -355,16 +380,18 @@ def _other_nodes_first(job: PreprocessJob, inputs: list[Input], output: Path,
 
 def _append(state: dict, dedup: Deduplicator, report: Report, sizes: list[int],
             hashes: list[bytes], lengths: np.ndarray, flat: np.ndarray) -> None:
-    writer: ShardWriter = state["writer"]
     stage = report.stages["dedup"]
-    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    keep = np.ones(len(hashes), dtype=bool)
     for k, digest in enumerate(hashes):
-        doc = flat[offsets[k]:offsets[k + 1]]
         stage.enter(sizes[k])
         if dedup.keep(digest):
             stage.leave(sizes[k])
-            writer.add(doc)
             state["hashes"].append(digest)
+        else:
+            keep[k] = False
+    if not keep.all():
+        flat, lengths = flat[np.repeat(keep, lengths)], lengths[keep]
+    state["writer"].add_documents(flat, lengths)
     state["report"].add(report)
 
 
