@@ -115,6 +115,11 @@ def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel
     )
     if isinstance(engine, PipelineEngine) and cfg.parallel.precision == "fp32" and cfg.parallel.zero_stage == 0:
         keep_clipped_norm(engine)
+    d = cfg.data
+    if isinstance(engine, PipelineEngine) and (d.eod_mask_loss or d.reset_position_ids or d.reset_attention_mask):
+        # The stages pass on (hidden, position ids, attention mask): DeepSpeed sends the last
+        # tensor as fp16 and back to bool (NCCL has no bool), and sends no gradient for it.
+        engine.set_has_attention_mask(True)
     if data_parallel == 1 and cfg.parallel.zero_stage == 0 and not isinstance(engine, PipelineEngine):
         # With one data-parallel replica DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it over a group of one, divide it by 1 and copy it back, every step.
@@ -155,6 +160,18 @@ def _loss_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
     return None if mask is None else mask.to(device, non_blocking=True)
 
 
+def _pipeline_micro_batch(batch: dict, device: torch.device) -> tuple:
+    """(inputs, labels) as DeepSpeed's pipeline engine takes them: the first stage gets the
+    inputs, the loss function the labels. With the end-of-document options the inputs are
+    (tokens, position ids, attention mask), passed from stage to stage, and the labels
+    (labels, loss mask)."""
+    tokens, labels = _to_device(batch, device)
+    if "loss_mask" not in batch:
+        return tokens, labels
+    extras = _extras(batch, device)
+    return (tokens, extras["position_ids"], extras["attention_mask"]), (labels, _loss_mask(batch, device))
+
+
 def train_step(
     engine, batches: Iterator[dict], device: torch.device, clip: float = 0.0
 ) -> tuple[torch.Tensor, float]:
@@ -167,7 +184,7 @@ def train_step(
     if isinstance(engine, PipelineEngine):
         # Every stage draws the step's micro-batches, so all ranks' loaders
         # stay in step; only the first and last stage use them.
-        micro_batches = [_to_device(next(batches), device) for _ in range(steps)]
+        micro_batches = [_pipeline_micro_batch(next(batches), device) for _ in range(steps)]
         loss = engine.train_batch(data_iter=iter(micro_batches))
         grad_norm = engine.get_global_grad_norm()
         return loss.detach(), float(grad_norm if grad_norm is not None else float("nan"))
@@ -196,7 +213,7 @@ def train_step(
 def eval_loss(engine, batches: list[dict], device: torch.device) -> torch.Tensor:
     """Mean loss over `batches` (this rank's share), without updating anything."""
     if isinstance(engine, PipelineEngine):
-        micro_batches = [_to_device(b, device) for b in batches]
+        micro_batches = [_pipeline_micro_batch(b, device) for b in batches]
         return engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
     engine.eval()
     total = torch.zeros((), device=device)

@@ -27,7 +27,7 @@ from pretrain.config import ModelConfig
 from pretrain.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region, sequence_parallel_linear
 from pretrain.layers import ColumnParallelLinear, RMSNorm, rotary_frequencies
-from pretrain.model import layer_spec
+from pretrain.model import layer_spec, masked_mean
 
 
 class EmbeddingStage(torch.nn.Module):
@@ -39,12 +39,15 @@ class EmbeddingStage(torch.nn.Module):
         )
         initialize_local([("embedding.weight", self.embedding.weight)], cfg, seed)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs):
+        """Token ids [b, s], or (token ids, position ids, attention mask) with the
+        end-of-document options, whose two extras are passed on to the layers."""
+        tokens, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
         hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
         if self.sequence_parallel:
             hidden = scatter_to_sequence_parallel_region(
                 hidden, parallel_state.get_tensor_model_parallel_group())
-        return hidden
+        return (hidden, *extras) if extras else hidden
 
 
 class TransformerLayerStage(torch.nn.Module):
@@ -58,14 +61,21 @@ class TransformerLayerStage(torch.nn.Module):
         initialize_local(named, cfg, seed)
         self._rotary: dict[tuple, torch.Tensor] = {}
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs):
+        """Hidden states [s, b, h], or (hidden states, position ids [b, s], attention
+        mask [b, 1, s, s]) as `LlamaModel` takes them; returns the same form."""
+        hidden, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
         seq = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
                                  if self.layer.config.sequence_parallel else 1)
         key = (seq, hidden.device)
         if key not in self._rotary:
             self._rotary[key] = rotary_frequencies(seq, self.cfg.head_dim, self.cfg.rotary_base, hidden.device)
-        output, _ = self.layer(hidden, attention_mask=None, rotary_pos_emb=self._rotary[key])
-        return output
+        rotary, attention_mask = self._rotary[key], None
+        if extras:
+            position_ids, attention_mask = extras
+            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, d]
+        output, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        return (output, *extras) if extras else output
 
 
 class HeadStage(torch.nn.Module):
@@ -90,7 +100,8 @@ class HeadStage(torch.nn.Module):
             named.append(("output_layer.weight", self.output_layer.weight))
         initialize_local(named, cfg, seed)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs) -> torch.Tensor:
+        hidden = inputs[0] if isinstance(inputs, tuple) else inputs  # the extras end here
         hidden = self.final_layernorm(hidden)
         if self.tied:
             return hidden
@@ -114,11 +125,13 @@ def tied_output_logits(stage: EmbeddingStage, hidden: torch.Tensor) -> torch.Ten
     return torch.matmul(hidden, weight.t())
 
 
-def vocab_parallel_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def vocab_parallel_loss(logits: torch.Tensor, labels) -> torch.Tensor:
+    """Mean loss over the tokens; `labels` is ids [b, s] or (ids, loss mask [b, s])."""
+    labels, loss_mask = labels if isinstance(labels, tuple) else (labels, None)
     per_token = tensor_parallel.vocab_parallel_cross_entropy(
         logits.float(), labels.transpose(0, 1).contiguous()
     )
-    return per_token.mean()
+    return masked_mean(per_token.transpose(0, 1), loss_mask)
 
 
 def build_pipeline(

@@ -285,10 +285,6 @@ class Config:
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len}: expected at most model.max_seq_len={self.model.max_seq_len}",
         )
-        eod = self.data.eod_mask_loss or self.data.reset_position_ids or self.data.reset_attention_mask
-        _require(not (eod and self.parallel.pipeline > 1),
-                 "data.eod_mask_loss / reset_position_ids / reset_attention_mask with "
-                 "parallel.pipeline > 1: not supported yet (pipeline stages take tokens only)")
         _require(not (self.trainer.compile == "model" and self.parallel.pipeline > 1),
                  "trainer.compile=model with parallel.pipeline > 1: expected trainer.compile=layers "
                  "(pipeline stages are separate modules)")

@@ -33,12 +33,32 @@ class PatternTokens:
         return (start + stride * np.arange(SEQ + 1)) % VOCAB
 
 
+EOD = 0  # the end-of-document token of `DocumentTokens`
+
+
+class DocumentTokens(PatternTokens):
+    """`PatternTokens` cut into documents by an EOD every 5 to 12 tokens, batched with all
+    three end-of-document options (loss mask, position ids, attention mask)."""
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        tokens = super().__getitem__(index).copy()
+        cuts = np.cumsum(np.random.default_rng(10_000 + index).integers(5, 13, size=SEQ))
+        tokens[cuts[cuts < SEQ + 1]] = EOD
+        return tokens
+
+    def collate(self, samples: list[np.ndarray]) -> dict[str, torch.Tensor]:
+        from data_pipeline.dataset import EodOptions, collate
+
+        return collate(samples, EodOptions(EOD, mask_loss=True, reset_position_ids=True, reset_attention_mask=True))
+
+
 def layout_config(run_dir: Path, tensor=1, pipeline=1, zero=0, precision="fp32",
-                  sequence_parallel=False, tie=False, offload=False, checkpointing="none") -> Config:
+                  sequence_parallel=False, tie=False, offload=False, checkpointing="none",
+                  eod=False) -> Config:
     return from_dict(Config, {
         "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
                   "ffn_hidden_size": 128, "max_seq_len": SEQ, "tie_embeddings": tie},
-        "data": {"seq_len": SEQ},
+        "data": {"seq_len": SEQ, "eod_mask_loss": eod, "reset_position_ids": eod, "reset_attention_mask": eod},
         "parallel": {"tensor": tensor, "pipeline": pipeline, "zero_stage": zero, "precision": precision,
                      "sequence_parallel": sequence_parallel, "offload_optimizer": offload,
                      "activation_checkpointing": checkpointing},
@@ -71,7 +91,8 @@ def train_layout(run_dir: str, **layout) -> dict:
     cfg = layout_config(Path(run_dir), **layout)
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
     cfg.validate_world(topology.world_size)
-    data = TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB)
+    tokens = DocumentTokens if layout.get("eod") else PatternTokens
+    data = TrainingData(train=tokens(), valid=tokens(), vocab_size=VOCAB)
 
     trainer = Trainer(cfg, topology, data)
     recorder = LossRecorder()

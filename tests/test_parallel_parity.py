@@ -41,6 +41,9 @@ TWO_RANKS = {
 # Tied input/output embeddings across the first and last pipeline stage, against the
 # one-process tied model (trained by `tied_reference`).
 TIED_TWO_RANKS = {"pp2_tied": {"pipeline": 2, "tie": True}}
+# The end-of-document options (loss mask, position ids and attention cut at each EOD)
+# through the pipeline, against the one-process run with them (`eod_reference`).
+EOD_TWO_RANKS = {"pp2_eod": {"pipeline": 2, "eod": True}}
 TIED_FOUR_RANKS = {"tp2_pp2_tied": {"tensor": 2, "pipeline": 2, "tie": True}}
 
 ROOTS = {}
@@ -66,7 +69,7 @@ SINGLE = {
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     ROOTS["two"] = root = tmp_path_factory.mktemp("two")
-    return run_distributed(train_layouts, 2, str(root), {**TWO_RANKS, **TIED_TWO_RANKS})
+    return run_distributed(train_layouts, 2, str(root), {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS})
 
 
 def assert_close(actual, expected, rtols):
@@ -263,3 +266,18 @@ def test_tied_pipeline_checkpoint_resumes_in_one_process(tied_reference, two_ran
     loss = resumed_step(str(tmp_path / "resumed"), str(checkpoint.latest_checkpoint(str(source))), tie=True)
     for result in tied_results(two_ranks, None, "two", "pp2_tied"):
         assert loss == pytest.approx(result["continued"], rel=FP32_RTOL)
+
+
+@pytest.fixture(scope="module")
+def eod_reference(single_process_groups, tmp_path_factory):
+    return train_layouts(str(tmp_path_factory.mktemp("single_eod")), {"eod": {"eod": True}})["eod"]
+
+
+@pytest.mark.parametrize("layout", EOD_TWO_RANKS)
+def test_pipeline_with_end_of_document_options_matches_single_process(eod_reference, two_ranks, layout):
+    # Had a stage dropped the position ids or the attention mask, or the loss its mask, the
+    # losses would part from the one-process run's, which applies all three.
+    for result in (r[layout] for r in two_ranks):
+        assert_close(result["losses"], eod_reference["losses"], [FP32_RTOL] * STEPS)
+        assert result["step"] == STEPS
+        assert result["resumed"] == pytest.approx(result["continued"], rel=1e-6)
