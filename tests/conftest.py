@@ -27,15 +27,29 @@ def tiny_data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("tiny_data_cache")
 
 
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(env: dict | None = None) -> dict:
+    """The environment for a `pretrain` (or torchrun) child process: this one's, without the
+    rendezvous variables of its own process group if it has one, unbuffered, W&B offline."""
+    full_env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    return {**full_env, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
+
+
 def run_pretrain(*overrides: str, cwd: Path, timeout: int = 600, env: dict | None = None):
     """Runs the `pretrain` console entry point in a fresh process."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", **(env or {})}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        full_env.pop(key, None)
     return subprocess.run(
         [sys.executable, "-m", "pretrain.main", *overrides],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=cwd, env=child_env(env), capture_output=True, text=True, timeout=timeout,
     )
+
+
+def complete_steps(run_dir: Path) -> list[int]:
+    """The steps of a run directory's complete checkpoints, oldest first."""
+    from pretrain.checkpoint import complete_checkpoints
+
+    return [step for step, _ in complete_checkpoints(run_dir)]
 
 
 def assert_resumed_run_matches(run_dir: Path, steps: int) -> None:

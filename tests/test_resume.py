@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY, run_pretrain
+from conftest import TINY, child_env, complete_steps, run_pretrain
 from distributed import run_distributed
 
 STEPS = 12
@@ -44,12 +44,6 @@ def records(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def complete_steps(run_dir: Path) -> list[int]:
-    from pretrain.checkpoint import complete_checkpoints
-
-    return [step for step, _ in complete_checkpoints(run_dir)]
-
-
 def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     states = torch.load(checkpoint / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     return {k: v for k, v in states["module"].items() if isinstance(v, torch.Tensor)}
@@ -58,11 +52,7 @@ def model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
 def signal_after(line_start: str, signum: int, argv: tuple[str, ...], cwd: Path) -> tuple[int, str]:
     """Runs `pretrain`, sends `signum` once it prints a line starting with `line_start`;
     returns the exit status and the output."""
-    # Without the rendezvous variables of this process's own group, if it has one.
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(ENV, PYTHONUNBUFFERED="1", WANDB_MODE="offline")
-    proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *argv], cwd=cwd, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "-m", "pretrain.main", *argv], cwd=cwd, env=child_env(ENV), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     output = []
     for line in proc.stdout:  # blocks until the run prints: no timing involved

@@ -42,8 +42,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import TINY
-from pretrain.checkpoint import complete_checkpoints
+from conftest import TINY, child_env, complete_steps
 
 STEPS = 8
 INTERVAL = 2  # small, so every resume starts from an earlier checkpoint and redoes steps
@@ -70,9 +69,7 @@ def workdir(tmp_path_factory, tiny_data_cache) -> Path:
 
 def pretrain(workdir: Path, ranks: int, run: str, overrides: tuple[str, ...], fault: str = ""):
     """One `pretrain` process, or a torchrun job of `ranks` processes, on run directory `run`."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "PRETRAIN_FAULT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_MODE="offline")
+    env = {k: v for k, v in child_env({"OMP_NUM_THREADS": "1"}).items() if k != "PRETRAIN_FAULT"}
     if fault:
         env["PRETRAIN_FAULT"] = fault
     launcher = ([sys.executable, "-m", "pretrain.main"] if ranks == 1 else
@@ -123,10 +120,6 @@ def checkpoint_tensors(path: Path) -> dict[str, torch.Tensor]:
 def differing(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
     assert actual.keys() == expected.keys(), sorted(actual.keys() ^ expected.keys())
     return [k for k in expected if actual[k].dtype != expected[k].dtype or not torch.equal(actual[k], expected[k])]
-
-
-def complete_steps(run_dir: Path) -> list[int]:
-    return [step for step, _ in complete_checkpoints(run_dir)]
 
 
 def losses(run_dir: Path) -> list[tuple[int, tuple[float, float]]]:
