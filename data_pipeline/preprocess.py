@@ -5,7 +5,8 @@ at most `chunk_bytes` (smaller towards the end of the input, so that the
 workers finish together); worker processes decode, clean, hash and encode a
 chunk each (SentencePiece with one thread per process: its own threaded batch
 encode balances badly on long documents, small chunks from one shared queue
-balance well); the reading process drops duplicate hashes and appends the rest
+balance well; long documents are encoded in line groups where that gives the
+same ids, see `line_encoding`); the reading process drops duplicate hashes and appends the rest
 to the shard. At most `AHEAD_PER_WORKER` chunks per worker are in flight, so
 memory stays bounded whatever the corpus size, and results are taken in input
 order, so the shards are the same whatever the number of workers or chunking.
@@ -42,6 +43,7 @@ from data_pipeline.cleaning import (
     CleaningConfig, DataError, Deduplicator, Report, bytes_hash, clean_records,
 )
 from data_pipeline.indexed import ShardWriter, token_dtype
+from data_pipeline.line_encoding import LineGroupEncoder
 from data_pipeline.ordered_pool import OrderedPool
 from data_pipeline.sources import Input, node_share, read_records, resolve_inputs
 from data_pipeline.tokenizer import Tokenizer
@@ -85,10 +87,7 @@ _worker: dict = {}
 
 
 def _init_worker(model_bytes: bytes, cfg: CleaningConfig, names: list[str], dtype: str) -> None:
-    import sentencepiece as spm
-
-    _worker.update(sp=spm.SentencePieceProcessor(model_proto=model_bytes), cfg=cfg, names=names,
-                   dtype=np.dtype(dtype))
+    _worker.update(encoder=LineGroupEncoder(model_bytes), cfg=cfg, names=names, dtype=np.dtype(dtype))
 
 
 def _hash_chunk(chunk: tuple[int, list[int], list]) -> tuple[list[bytes], list[int]]:
@@ -110,33 +109,31 @@ def _process_chunk(chunk: tuple[int, list[int], list]) -> tuple:
     cleaned = clock()
     hashes = [bytes_hash(d) for d in data]
     hashed = clock()
-    sp = _worker["sp"]
-    ids = encode_ids(sp, data)
+    encoder = _worker["encoder"]
+    pieces, counts = encoder.encode(data)
     encoded = clock()
-    lengths, flat = pack_ids(ids, sp.eos_id(), _worker["dtype"])
+    lengths, flat = pack_ids(pieces, counts, encoder.eos_id(), _worker["dtype"])
     cpu = (cleaned - started, hashed - cleaned, encoded - hashed, clock() - encoded)
     return shard, report.to_dict(), [len(d) for d in data], hashes, lengths, flat, cpu
 
 
-def encode_ids(sp, texts: list[bytes] | list[str]) -> list[np.ndarray]:
-    """Every document's ids, one int32 array each.
+def pack_ids(pieces: list[np.ndarray], counts: list[int], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
+    """(lengths, the documents' ids end to end with EOS after each), each cast once into place.
 
-    SentencePiece hands them back as buffers, so no Python int is ever made per
-    token (making them costs several per cent of the encode itself).
+    `pieces` are int32 id arrays (SentencePiece hands them back as buffers, so no
+    Python int is made per token); document i is the next `counts[i]` of them.
     """
-    return sp.encode(texts, num_threads=1, out_type="numpy")
-
-
-def pack_ids(ids: list[np.ndarray], eos: int, dtype) -> tuple[np.ndarray, np.ndarray]:
-    """(lengths, the documents' ids end to end with EOS after each), each cast once into place."""
-    lengths = np.fromiter((len(doc) + 1 for doc in ids), dtype=np.int64, count=len(ids))
-    flat = np.empty(int(lengths.sum()), dtype=dtype)
-    start = 0
-    for doc in ids:
-        end = start + len(doc)
-        flat[start:end] = doc
-        flat[end] = eos
-        start = end + 1
+    sizes = np.fromiter((len(piece) for piece in pieces), dtype=np.int64, count=len(pieces))
+    starts = np.cumsum(counts) - counts
+    lengths = np.add.reduceat(sizes, starts) + 1 if len(counts) else np.zeros(0, np.int64)
+    end_of_document = np.array([eos], dtype=np.int32)
+    parts: list[np.ndarray] = []
+    first = 0
+    for count in counts:
+        parts.extend(pieces[first:first + count])
+        parts.append(end_of_document)
+        first += count
+    flat = np.concatenate(parts, dtype=dtype, casting="unsafe") if parts else np.zeros(0, dtype)
     return lengths, flat
 
 
