@@ -8,6 +8,7 @@ the default run needs no download.
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import os
@@ -34,15 +35,20 @@ class Document:
 
 
 def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [
-        p
-        for p in root.rglob("*.py")
-        if not _STDLIB_SKIP.intersection(p.relative_to(root).parts)
-    ]
+    return list(_stdlib_file_tuple())
+
+
+@functools.lru_cache(maxsize=1)  # a run asks several times (fingerprint, tokenizer, shards)
+def _stdlib_file_tuple() -> tuple[Path, ...]:
+    root = sysconfig.get_paths()["stdlib"]
+    files = []
+    for directory, subdirectories, names in os.walk(root):
+        # Skipped trees are never entered: site-packages alone can hold more files than the rest.
+        subdirectories[:] = [d for d in subdirectories if d not in _STDLIB_SKIP]
+        files.extend(Path(directory, name) for name in names if name.endswith(".py"))
     # Order by a hash of the path, so a byte budget takes a spread of modules
     # rather than the alphabetically first ones.
-    return sorted(files, key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest())
+    return tuple(sorted(files, key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest()))
 
 
 def resolve_files(source: str) -> list[Path]:

@@ -1,11 +1,11 @@
-"""kill -9 of real `pretrain` runs in bf16 and across two ranks: resumed runs are bit-identical.
+"""kill -9 of real `pretrain` runs in bf16 and over two ranks (TP, DP): resumed runs are bit-identical.
 
 Each case trains N steps straight, then the same N steps as a chain of runs on
 another directory, killed (-9) and resumed to the end. In one process the chain
 is killed twice: after a random step, then in the middle of the save of a
 random later checkpoint step. Under torchrun (a pair costs about 20 s to start
-on two cores) one kill of one rank, both drawn at random: after a step or in
-the middle of a save. Every loss and gradient norm the chain logged, redone
+on two cores) one kill of one rank drawn at random, after a step or in the
+middle of a save as the layout says. Every loss and gradient norm the chain logged, redone
 steps included, and every tensor of every file of the final checkpoint (model
 states of each tensor-parallel rank, optimizer states, RNG states) equal the
 straight run's bit for bit.
@@ -17,18 +17,13 @@ replays a failed draw.
 Coverage of {fp32, bf16} x {one process, TP=2, DP=2 with ZeRO-1} by real kills:
 
     one process fp32   tests/test_resume.py (with SIGTERM and SIGUSR1 in the chain)
-    one process bf16   here
-    TP=2 bf16          here, torchrun
-    DP=2 fp32          here, torchrun
-    TP=2 fp32          in-process resume, tests/test_resume.py::test_tensor_and_data_parallel_resume_bit_exactly
-    DP=2 bf16          in-process resume, same test
+    one process bf16   here, two kills
+    TP=2 fp32, bf16    here, torchrun, one kill each
+    DP=2 fp32, bf16    here, torchrun, one kill each
 
-Each torchrun chain costs three pair starts, so the last two cells resume
-in-process: the trainer is rebuilt and loads the
-newest complete checkpoint after a save whose manifest never appeared, which
-is the same load path a killed run takes. The real kills still go through each
-of DeepSpeed's optimizer paths: plain fp32 (one process), its bf16 optimizer
-(one process, TP=2) and ZeRO-1 (DP=2).
+So the kills go through each of DeepSpeed's optimizer paths: plain fp32 (one
+process, TP=2), its bf16 optimizer (one process, TP=2) and ZeRO-1 in fp32 and
+bf16 (DP=2).
 """
 
 import json
@@ -51,11 +46,15 @@ COMMON = (*TINY, "trainer.eval_interval=0", "trainer.log_interval=1", f"trainer.
 
 SEED = int(os.environ.get("PRETRAIN_RESUME_SEED", random.SystemRandom().randrange(2**32)))
 
-# name: (ranks, overrides)
+# name: (ranks, kills, overrides). Each two-rank layout and each precision under torchrun
+# sees both kinds of kill.
 LAYOUTS = {
-    "single_bf16": (1, ("parallel.precision=bf16",)),
-    "tp2_bf16": (2, ("parallel.tensor=2", "parallel.precision=bf16")),
-    "dp2_zero1_fp32": (2, ("parallel.zero_stage=1", "trainer.micro_batch_size=4")),
+    "single_bf16": (1, ("after_step", "in_save"), ("parallel.precision=bf16",)),
+    "tp2_fp32": (2, ("after_step",), ("parallel.tensor=2",)),
+    "tp2_bf16": (2, ("in_save",), ("parallel.tensor=2", "parallel.precision=bf16")),
+    "dp2_zero1_fp32": (2, ("in_save",), ("parallel.zero_stage=1", "trainer.micro_batch_size=4")),
+    "dp2_zero1_bf16": (2, ("after_step",),
+                       ("parallel.zero_stage=1", "trainer.micro_batch_size=4", "parallel.precision=bf16")),
 }
 
 
@@ -80,21 +79,18 @@ def pretrain(workdir: Path, ranks: int, run: str, overrides: tuple[str, ...], fa
         cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
 
 
-def draw_kills(name: str, ranks: int) -> tuple[int | None, int | None, str]:
+def draw_kills(name: str, ranks: int, kills: tuple[str, ...]) -> tuple[int | None, int | None, str]:
     """(kill_after_step, kill_in_save, "@rank" or ""), None where that kill is not made.
 
-    The first kill lands on any step from the first checkpoint to the one before
-    last, the second on a checkpoint step after the newest one the first left
-    behind. Under torchrun one of the two is made, on a rank drawn too.
+    The kill after a step lands on any step from the first checkpoint to the
+    one before last; the kill in a save on a checkpoint step after the newest
+    one the first kill (if any) left behind. Under torchrun the rank is drawn too.
     """
     rng = random.Random(f"{SEED}/{name}")
-    after_step = rng.randrange(INTERVAL, STEPS)
-    in_save = rng.choice(range(after_step // INTERVAL * INTERVAL + INTERVAL, STEPS + 1, INTERVAL))
-    if ranks == 1:
-        return after_step, in_save, ""
-    at_rank = f"@{rng.randrange(ranks)}"
-    return (after_step, None, at_rank) if rng.random() < 0.5 else (None, rng.randrange(INTERVAL, STEPS + 1, INTERVAL),
-                                                                   at_rank)
+    after_step = rng.randrange(INTERVAL, STEPS) if "after_step" in kills else None
+    newest = (after_step or 0) // INTERVAL * INTERVAL
+    in_save = rng.choice(range(newest + INTERVAL, STEPS + 1, INTERVAL)) if "in_save" in kills else None
+    return after_step, in_save, f"@{rng.randrange(ranks)}" if ranks > 1 else ""
 
 
 def tensors(value, prefix: str = ""):
@@ -130,8 +126,8 @@ def losses(run_dir: Path) -> list[tuple[int, tuple[float, float]]]:
 
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_killed_runs_resume_bit_exactly(workdir, name):
-    ranks, overrides = LAYOUTS[name]
-    after_step, in_save, at_rank = draw_kills(name, ranks)
+    ranks, kills, overrides = LAYOUTS[name]
+    after_step, in_save, at_rank = draw_kills(name, ranks, kills)
     draw = (f"{name}: kill_after_step={after_step}, kill_in_save={in_save}, rank {at_rank or '-'} "
             f"(PRETRAIN_RESUME_SEED={SEED})")
     print(draw)
