@@ -10,8 +10,7 @@ comparison with figures measured that way. Measured: `preprocess` end to end
 (reading JSONL, cleaning, dedup, encoding on every core, writing shards;
 megatron-core's import, a fixed start-up cost of seconds, is paid before the
 clock starts). Prints both and their ratio, and the share of the pipeline's
-CPU time spent encoding (the smaller of the two encode CPU times), which other
-load on the machine does not skew.
+CPU time spent encoding, which other load on the machine does not skew.
 
 The pipeline encodes long documents in groups of whole lines, which gives the
 same ids and runs about 1.3x faster on one core (`data_pipeline/line_encoding.py`).
@@ -20,11 +19,11 @@ rate is printed against it times the cores as well: the stricter ratio, the
 one that says how much the pipeline loses to reading, cleaning, writing and
 parallelism. The CPU efficiency compares against the cheaper of the encodes.
 
-Also measured: the same whole-document encode over one process per core, all at once,
-with nothing else (no reading, cleaning or writing). On a machine whose cores
-slow each other down (shared caches, or virtual CPUs sharing a host) that is
-below the ceiling, and no pipeline can beat it; the end-to-end rate is printed
-against it too.
+Also measured: the same whole-document encode over one process per core, all
+at once, with nothing else (no reading, cleaning or writing). On a machine
+whose cores slow each other down (shared caches, or virtual CPUs sharing a
+host) that is below the ceiling, and no pipeline encoding whole documents can
+beat it; the end-to-end rate is printed against it too.
 
     .venv/bin/python -m bench.data_preprocess [--mbytes 24] [--workers N]
 """
