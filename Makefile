@@ -12,9 +12,8 @@ $(STAMP): pyproject.toml
 	# The CPU build of torch; an unpinned torch pulls several GB of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# DeepSpeed compiles its CPU shared-memory all-reduce the first time a process group
-	# starts (about a minute on two cores); compile it here, with the other installs.
-	$(PY) -c "from deepspeed.comm.torch import build_shm_op; build_shm_op()"
+	# DeepSpeed's CPU ops, compiled here rather than in the middle of the first run.
+	$(PY) -m parallel.prebuild_ops
 	touch $@
 
 train: $(STAMP)
