@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 from sentencepiece import sentencepiece_model_pb2
 
-from data_pipeline.corpus import iter_documents
+from data_pipeline.corpus import Document, iter_documents
 from data_pipeline.line_encoding import LineGroupEncoder, split_reason
 from data_pipeline.preprocess import pack_ids
 from data_pipeline.tokenizer import train_tokenizer
@@ -19,13 +19,17 @@ EDGE_CASES = [
 
 
 @pytest.fixture(scope="module")
-def corpus() -> list[str]:
-    return [d.text for d in iter_documents(["stdlib"], 1_500_000)]
+def documents() -> list[Document]:
+    return list(iter_documents(["stdlib"], 1_500_000))
 
 
 @pytest.fixture(scope="module")
-def model_bytes(tmp_path_factory, corpus) -> bytes:
-    documents = (type("D", (), {"text": t}) for t in corpus)
+def corpus(documents) -> list[str]:
+    return [d.text for d in documents]
+
+
+@pytest.fixture(scope="module")
+def model_bytes(tmp_path_factory, documents) -> bytes:
     return train_tokenizer(documents, tmp_path_factory.mktemp("bpe") / "tok.model", vocab_size=600,
                            sample_bytes=400_000, user_defined_symbols=["<tool>"]).model_bytes
 
@@ -82,8 +86,7 @@ def trained_without_byte_fallback(model):
      "unigram segmentation"),
     (lambda m: setattr(m.trainer_spec, "model_type", sentencepiece_model_pb2.TrainerSpec.CHAR), "char segmentation"),
 ])
-def test_models_where_a_cut_could_change_ids_are_encoded_whole(change, reason, tmp_path, corpus):
-    documents = (type("D", (), {"text": t}) for t in corpus)
+def test_models_where_a_cut_could_change_ids_are_encoded_whole(change, reason, tmp_path, documents, corpus):
     base = train_tokenizer(documents, tmp_path / "tok.model", vocab_size=400, sample_bytes=200_000).model_bytes
     assert split_reason(sentencepiece_model_pb2.ModelProto.FromString(base)) is None
     model = with_spec(base, change)
