@@ -83,18 +83,11 @@ class LossRecorder:
 
 def train_layout(run_dir: str, **layout) -> dict:
     """Per-step losses, and the step after a checkpoint round trip, for one layout."""
-    from parallel.engine import train_step
-    from parallel.groups import init_process_groups
     from parallel.memory_plan import predict_rank
-    from pretrain.trainer import Trainer, TrainingData
+    from pretrain import checkpoint
 
-    cfg = layout_config(Path(run_dir), **layout)
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
-    cfg.validate_world(topology.world_size)
-    tokens = DocumentTokens if layout.get("eod") else PatternTokens
-    data = TrainingData(train=tokens(), valid=tokens(), vocab_size=VOCAB)
-
-    trainer = Trainer(cfg, topology, data)
+    trainer = layout_trainer(run_dir, **layout)
+    cfg, topology = trainer.cfg, trainer.topology
     recorder = LossRecorder()
     trainer.callbacks.append(recorder)
     trainer.fit()  # saves a checkpoint at the last step
@@ -102,20 +95,40 @@ def train_layout(run_dir: str, **layout) -> dict:
     predicted = predict_rank(cfg, topology.world_size, topology.pp_rank, VOCAB)
     # Modules whose forward is wrapped in place by activation checkpointing.
     checkpointed = sum("forward" in vars(m) for m in trainer.engine.module.modules())
-    continued = trainer.data_parallel_mean(train_step(trainer.engine, trainer.train_loader, trainer.device,
-                                                      trainer.loop_clip)[0])
+    continued = next_step_loss(trainer)
     tied_weight = tied_embedding(trainer.engine)
 
-    from pretrain import checkpoint
-
-    restored = Trainer(cfg, topology, data)
+    restored = layout_trainer(run_dir, **layout)
     restored.load_checkpoint(checkpoint.latest_checkpoint(run_dir))
-    resumed = restored.data_parallel_mean(train_step(restored.engine, restored.train_loader,
-                                                     restored.device, restored.loop_clip)[0])
+    resumed = next_step_loss(restored)
     return {"losses": recorder.losses, "continued": continued, "resumed": resumed,
             "step": restored.state.step, "memory": vars(measured), "predicted": vars(predicted),
             "checkpointed": checkpointed, "coords": (topology.pp_rank, topology.tp_rank),
             "tied_weight": tied_weight, "restored_tied_weight": tied_embedding(restored.engine)}
+
+
+def layout_trainer(run_dir: str, **layout):
+    return trainer_for(layout_config(Path(run_dir), **layout))
+
+
+def trainer_for(cfg: Config):
+    """A `Trainer` of `cfg` on this world's process groups, reading the parity tokens
+    (cut into documents when `cfg` uses the end-of-document options)."""
+    from parallel.groups import init_process_groups
+    from pretrain.trainer import Trainer, TrainingData
+
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
+    cfg.validate_world(topology.world_size)
+    tokens = DocumentTokens if cfg.data.eod_mask_loss else PatternTokens
+    return Trainer(cfg, topology, TrainingData(train=tokens(), valid=tokens(), vocab_size=VOCAB))
+
+
+def next_step_loss(trainer) -> float:
+    """The loss of one more training step, averaged over the data-parallel ranks."""
+    from parallel.engine import train_step
+
+    return trainer.data_parallel_mean(train_step(trainer.engine, trainer.train_loader, trainer.device,
+                                                 trainer.loop_clip)[0])
 
 
 def tied_embedding(engine) -> np.ndarray | None:
@@ -128,18 +141,9 @@ def tied_embedding(engine) -> np.ndarray | None:
 
 def resumed_step(run_dir: str, checkpoint_dir: str, **layout) -> float:
     """The loss of the first step after loading `checkpoint_dir` (of any layout) under `layout`."""
-    from parallel.engine import train_step
-    from parallel.groups import init_process_groups
-    from pretrain.trainer import Trainer, TrainingData
-
-    cfg = layout_config(Path(run_dir), **layout)
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
-    cfg.validate_world(topology.world_size)
-    data = TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB)
-    trainer = Trainer(cfg, topology, data)
+    trainer = layout_trainer(run_dir, **layout)
     trainer.load_checkpoint(Path(checkpoint_dir))
-    return trainer.data_parallel_mean(train_step(trainer.engine, trainer.train_loader, trainer.device,
-                                                 trainer.loop_clip)[0])
+    return next_step_loss(trainer)
 
 
 def train_layouts(root: str, layouts: dict[str, dict]) -> dict[str, dict]:

@@ -31,7 +31,7 @@ import pytest
 import torch
 
 from distributed import run_distributed
-from parity import STEPS, VOCAB, PatternTokens, layout_config, train_layouts
+from parity import STEPS, layout_config, train_layouts, trainer_for
 
 SINGLE = {"fp32": {}, "fp16": {"zero": 1, "precision": "fp16"},
           "fp16_zero2": {"zero": 2, "precision": "fp16"}, "fp16_zero3": {"zero": 3, "precision": "fp16"}}
@@ -66,15 +66,11 @@ def lift_fp16_capability() -> None:
 
 
 def fp16_trainer(run_dir: Path, layout: dict, scaling: dict, **trainer_keys):
-    from parallel.groups import init_process_groups
-    from pretrain.trainer import Trainer, TrainingData
-
     cfg = layout_config(run_dir, precision="fp16", **layout)
     cfg.parallel = dataclasses.replace(cfg.parallel, **scaling)  # validated again
     for key, value in {"eval_interval": 0, **trainer_keys}.items():
         setattr(cfg.trainer, key, value)
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
-    return Trainer(cfg, topology, TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB))
+    return trainer_for(cfg)
 
 
 class StepRecord:

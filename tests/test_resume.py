@@ -172,7 +172,7 @@ class SignalOnce:
 
 def two_rank_resumes(root: str) -> dict:
     """A straight run, a run whose last save never completed, and its resume (where
-    rank 1 alone gets a SIGUSR1). DP=2 with ZeRO-1: the layout whose ranks each hold
+    rank 1 alone gets a SIGUSR1). DP=2 with ZeRO-1, the layout whose ranks each hold
     a different part of the optimizer state."""
     import torch.distributed as dist
 
@@ -180,39 +180,33 @@ def two_rank_resumes(root: str) -> dict:
     from parallel.groups import init_process_groups
     from pretrain import checkpoint
 
-    results = {}
-    for name, layout in {"dp2_zero1": {"zero": 1}}.items():
-        topology = init_process_groups(layout.get("tensor", 1), 1, torch.device("cpu"))
-        straight = train(make_trainer(topology, Path(root) / name / "straight", **layout), 6)
-        run_dir = Path(root) / name / "resumed"
-        train(make_trainer(topology, run_dir, checkpoint_interval=3, **layout), 5)
-        if topology.rank == 0:  # the save of step 5 never finished
-            (run_dir / "checkpoints" / "step_0000005" / checkpoint.COMPLETE).unlink()
-        dist.barrier()
-        resumed = make_trainer(topology, run_dir, **layout)
-        resumed.triggers.install()
-        resumed.callbacks.insert(0, SignalOnce(step=4, rank=1, signum=signal.SIGUSR1))
-        resumed.load_checkpoint(checkpoint.resolve_resume(str(run_dir), "auto"))
-        start = resumed.state.step
-        record = train(resumed, 6)
-        resumed.triggers.uninstall()
-        results[name] = {
-            "start": start,
-            "straight": [m["loss"] for m in straight.metrics],
-            "resumed": [m["loss"] for m in record.metrics],
-            "same_weights": all(torch.equal(a, b) for a, b in zip(weights(resumed), straight.weights[-1],
-                                                                  strict=True)),
-            "complete": [s for s, _ in checkpoint.complete_checkpoints(run_dir)],
-        }
-    return results
+    topology = init_process_groups(1, 1, torch.device("cpu"))
+    straight = train(make_trainer(topology, Path(root) / "straight", zero=1), 6)
+    run_dir = Path(root) / "resumed"
+    train(make_trainer(topology, run_dir, checkpoint_interval=3, zero=1), 5)
+    if topology.rank == 0:  # the save of step 5 never finished
+        (run_dir / "checkpoints" / "step_0000005" / checkpoint.COMPLETE).unlink()
+    dist.barrier()
+    resumed = make_trainer(topology, run_dir, zero=1)
+    resumed.triggers.install()
+    resumed.callbacks.insert(0, SignalOnce(step=4, rank=1, signum=signal.SIGUSR1))
+    resumed.load_checkpoint(checkpoint.resolve_resume(str(run_dir), "auto"))
+    start = resumed.state.step
+    record = train(resumed, 6)
+    resumed.triggers.uninstall()
+    return {
+        "start": start,
+        "straight": [m["loss"] for m in straight.metrics],
+        "resumed": [m["loss"] for m in record.metrics],
+        "same_weights": all(torch.equal(a, b) for a, b in zip(weights(resumed), straight.weights[-1], strict=True)),
+        "complete": [s for s, _ in checkpoint.complete_checkpoints(run_dir)],
+    }
 
 
 def test_a_signal_to_one_rank_saves_on_all_and_resume_is_exact(tmp_path):
-    for rank, results in enumerate(run_distributed(two_rank_resumes, 2, str(tmp_path))):
-        for layout, result in results.items():
-            assert result["start"] == 3, (rank, layout)
-            assert result["resumed"] == result["straight"][3:], (rank, layout, result)
-            assert result["same_weights"], (rank, layout)
-            # Rank 1's SIGUSR1 made both ranks save at step 4, which removed the unfinished 5.
-            assert result["complete"] == [3, 4, 6], (rank, layout, result["complete"])
-
+    for rank, result in enumerate(run_distributed(two_rank_resumes, 2, str(tmp_path))):
+        assert result["start"] == 3, rank
+        assert result["resumed"] == result["straight"][3:], (rank, result)
+        assert result["same_weights"], rank
+        # Rank 1's SIGUSR1 made both ranks save at step 4, which removed the unfinished 5.
+        assert result["complete"] == [3, 4, 6], (rank, result["complete"])
