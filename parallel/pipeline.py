@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from pretrain.config import ModelConfig
 from pretrain.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region, sequence_parallel_linear
-from pretrain.layers import ColumnParallelLinear, RMSNorm, rotary_frequencies
+from pretrain.layers import ColumnParallelLinear, RMSNorm, rotary_tables
 from pretrain.model import layer_spec, masked_mean
 
 
@@ -69,11 +69,11 @@ class TransformerLayerStage(torch.nn.Module):
                                  if self.layer.config.sequence_parallel else 1)
         key = (seq, hidden.device)
         if key not in self._rotary:
-            self._rotary[key] = rotary_frequencies(seq, self.cfg.head_dim, self.cfg.rotary_base, hidden.device)
+            self._rotary[key] = rotary_tables(seq, self.cfg.head_dim, self.cfg.rotary_base, hidden.device)
         rotary, attention_mask = self._rotary[key], None
         if extras:
             position_ids, attention_mask = extras
-            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, d]
+            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, 2d]
         output, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         return (output, *extras) if extras else output
 

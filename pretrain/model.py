@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.common.embeddings import rope_utils
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
@@ -34,8 +35,14 @@ from pretrain.layers import (
     RMSNorm,
     RowParallelLinear,
     SDPAttention,
-    rotary_frequencies,
+    apply_rotary_tables,
+    rotary_tables,
 )
+
+# megatron-core rotates queries and keys through this hook when `apply_rope_fusion`
+# is set (Transformer Engine's kernel, where installed, which takes angles). The
+# model sets it and passes cos/sin tables (`pretrain.layers.rotary_tables`).
+rope_utils.fused_apply_rotary_pos_emb = apply_rotary_tables
 
 
 def transformer_config(
@@ -81,7 +88,7 @@ def transformer_config(
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        apply_rope_fusion=True,  # our rotation, on cos/sin tables (see rope_utils above)
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         recompute_granularity=recompute,
@@ -158,14 +165,14 @@ class LlamaModel(torch.nn.Module):
             gather_output=False,
             skip_weight_param_allocation=cfg.tie_embeddings,
         )
-        # Recomputed on device rather than stored: the angles depend only on the shape.
+        # Recomputed on device rather than stored: the tables depend only on the shape.
         self._rotary_cache: dict[tuple, torch.Tensor] = {}
         initialize_local(self.named_parameters(), cfg, seed)
 
     def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
         key = (seq_len, device)
         if key not in self._rotary_cache:
-            self._rotary_cache[key] = rotary_frequencies(
+            self._rotary_cache[key] = rotary_tables(
                 seq_len, self.cfg.head_dim, self.cfg.rotary_base, device
             )
         return self._rotary_cache[key]
@@ -189,9 +196,9 @@ class LlamaModel(torch.nn.Module):
         if self.config.sequence_parallel:
             hidden = scatter_to_sequence_parallel_region(
                 hidden, parallel_state.get_tensor_model_parallel_group())
-        rotary = self.rotary(tokens.shape[1], tokens.device)  # [s, 1, 1, d]
+        rotary = self.rotary(tokens.shape[1], tokens.device)  # [s, 1, 1, 2d]
         if position_ids is not None:
-            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, d]
+            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, 2d]
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         if labels is not None and reduction == "mean" and self.loss_chunk_tokens:

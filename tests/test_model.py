@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.layers import SDPAttention, rotary_frequencies
+from pretrain.layers import SDPAttention, apply_rotary_tables, rotary_frequencies, rotary_tables
 from pretrain.model import LlamaModel, transformer_config
 
 VOCAB = 256
@@ -85,6 +85,19 @@ def test_rotary_frequencies_layout():
     # Both halves carry the same angles; the first channel turns one radian per position.
     torch.testing.assert_close(freqs[..., :4], freqs[..., 4:])
     torch.testing.assert_close(freqs[:, 0, 0, 0], torch.arange(5.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_by_tables_is_megatrons_rotation_by_angles(dtype):
+    """The model passes cos/sin tables through megatron-core's fused-RoPE hook; the
+    result must be what megatron-core's own rotation makes of the angles."""
+    from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+    t = torch.randn(6, 2, 4, 8).to(dtype)  # [s, b, heads, d]
+    rotated = apply_rotary_tables(t, rotary_tables(6, 8, 10000.0))
+    assert rotated.dtype == dtype
+    torch.testing.assert_close(rotated, _apply_rotary_pos_emb_bshd(t, rotary_frequencies(6, 8, 10000.0)),
+                               rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("vocab,tp,expected", [(500, 1, 512), (512, 1, 512), (513, 2, 768)])
