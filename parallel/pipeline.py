@@ -26,7 +26,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from pretrain.config import ModelConfig
 from pretrain.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region, sequence_parallel_linear
-from pretrain.layers import ColumnParallelLinear, RMSNorm, rotary_tables
+from pretrain.layers import ColumnParallelLinear, RMSNorm, RotaryTables
 from pretrain.model import layer_spec, masked_mean
 
 
@@ -59,7 +59,7 @@ class TransformerLayerStage(torch.nn.Module):
         self.layer = build_module(layer_spec(), config=config, layer_number=index + 1)
         named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
         initialize_local(named, cfg, seed)
-        self._rotary: dict[tuple, torch.Tensor] = {}
+        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base)
 
     def forward(self, inputs):
         """Hidden states [s, b, h], or (hidden states, position ids [b, s], attention
@@ -67,13 +67,8 @@ class TransformerLayerStage(torch.nn.Module):
         hidden, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
         seq = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
                                  if self.layer.config.sequence_parallel else 1)
-        key = (seq, hidden.device)
-        if key not in self._rotary:
-            self._rotary[key] = rotary_tables(seq, self.cfg.head_dim, self.cfg.rotary_base, hidden.device)
-        rotary, attention_mask = self._rotary[key], None
-        if extras:
-            position_ids, attention_mask = extras
-            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, 2d]
+        position_ids, attention_mask = extras if extras else (None, None)
+        rotary = self.rotary(seq, hidden.device, position_ids)
         output, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         return (output, *extras) if extras else output
 

@@ -185,6 +185,31 @@ def rotary_tables(
     return torch.cat((angles.cos(), angles.sin()), dim=-1)
 
 
+class RotaryTables:
+    """`rotary_tables` per (sequence length, device), made on first use, and picked
+    per token where positions restart (e.g. at document boundaries).
+
+    Held in a plain dict rather than a module buffer: the tables depend only on
+    the shape, so checkpoints need not carry them. Under torch.compile the dict's
+    entry reaches the graph as a ready tensor, its cos and sin not recomputed.
+    """
+
+    def __init__(self, head_dim: int, base: float):
+        self.head_dim, self.base = head_dim, base
+        self._tables: dict[tuple, torch.Tensor] = {}
+
+    def __call__(self, seq_len: int, device: torch.device,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """[s, 1, 1, 2 * head_dim]; [s, b, 1, 2 * head_dim] for `position_ids` [b, s]."""
+        key = (seq_len, device)
+        if key not in self._tables:
+            self._tables[key] = rotary_tables(seq_len, self.head_dim, self.base, device)
+        tables = self._tables[key]
+        if position_ids is None:
+            return tables
+        return tables[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)
+
+
 def apply_rotary_tables(t: torch.Tensor, tables: torch.Tensor, interleaved: bool = False) -> torch.Tensor:
     """megatron-core's rotation (rotate-half, as its unfused `_apply_rotary_pos_emb_bshd`)
     of `t` [s, b, heads, head_dim] by `rotary_tables` [s, 1 or b, 1, 2 * head_dim].

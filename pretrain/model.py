@@ -33,10 +33,10 @@ from pretrain.layers import (
     ColumnParallelLinear,
     OutputLayer,
     RMSNorm,
+    RotaryTables,
     RowParallelLinear,
     SDPAttention,
     apply_rotary_tables,
-    rotary_tables,
 )
 
 # megatron-core rotates queries and keys through this hook when `apply_rope_fusion`
@@ -165,17 +165,8 @@ class LlamaModel(torch.nn.Module):
             gather_output=False,
             skip_weight_param_allocation=cfg.tie_embeddings,
         )
-        # Recomputed on device rather than stored: the tables depend only on the shape.
-        self._rotary_cache: dict[tuple, torch.Tensor] = {}
+        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base)
         initialize_local(self.named_parameters(), cfg, seed)
-
-    def rotary(self, seq_len: int, device: torch.device) -> torch.Tensor:
-        key = (seq_len, device)
-        if key not in self._rotary_cache:
-            self._rotary_cache[key] = rotary_tables(
-                seq_len, self.cfg.head_dim, self.cfg.rotary_base, device
-            )
-        return self._rotary_cache[key]
 
     def forward(
         self,
@@ -196,9 +187,7 @@ class LlamaModel(torch.nn.Module):
         if self.config.sequence_parallel:
             hidden = scatter_to_sequence_parallel_region(
                 hidden, parallel_state.get_tensor_model_parallel_group())
-        rotary = self.rotary(tokens.shape[1], tokens.device)  # [s, 1, 1, 2d]
-        if position_ids is not None:
-            rotary = rotary[:, 0, 0][position_ids.transpose(0, 1)].unsqueeze(2)  # [s, b, 1, 2d]
+        rotary = self.rotary(tokens.shape[1], tokens.device, position_ids)
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         if labels is not None and reduction == "mean" and self.loss_chunk_tokens:
