@@ -43,9 +43,7 @@ class SDPAttention(MegatronModule):
 
     SDPA selects flash or memory-efficient kernels on GPU and a fused kernel on
     CPU. Grouped-query attention is handled by SDPA itself (`enable_gqa`), so
-    keys and values are never repeated in memory. Under torch.compile on CPU,
-    short causal sequences go through `blocked_causal_attention` instead (see
-    `materialises`).
+    keys and values are never repeated in memory.
 
     Takes megatron-core's layout: query [s, b, heads, d], key/value
     [s, b, groups, d]; returns [s, b, heads * d].
@@ -79,12 +77,6 @@ class SDPAttention(MegatronModule):
         if packed_seq_params is not None or attention_bias is not None:
             raise NotImplementedError("SDPAttention takes neither packed sequences nor a bias")
         seq, batch, heads, head_dim = query.shape
-        if self.materialises(query, attention_mask):
-            groups = key.shape[2]
-            q = query.unflatten(2, (groups, heads // groups)).permute(1, 2, 3, 0, 4)
-            k, v = (t.permute(1, 2, 0, 3) for t in (key, value))  # [b, groups, s, d]
-            out = blocked_causal_attention(q, k, v, self.softmax_scale)  # [b, groups, heads / groups, s, d]
-            return out.permute(3, 0, 1, 2, 4).reshape(seq, batch, heads * head_dim)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
         # A boolean mask (True = masked out, megatron's convention) replaces causal
         # masking, e.g. to stop attention across document boundaries.
@@ -100,59 +92,6 @@ class SDPAttention(MegatronModule):
             enable_gqa=k.shape[1] != heads,
         )
         return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
-
-    def materialises(self, query: torch.Tensor, attention_mask: torch.Tensor | None) -> bool:
-        """Whether to take `blocked_causal_attention` rather than SDPA.
-
-        Only when torch.compile traces the layer (eager, the materialised scores
-        cost more than the flash kernel saves), on CPU in fp32, for plain causal
-        attention without dropout, and while the probabilities kept for backward
-        stay small (about b * heads * s^2 / 2 of them). GPUs keep flash attention.
-        """
-        seq, batch, heads, _ = query.shape
-        return (torch.compiler.is_compiling() and query.device.type == "cpu"
-                and query.dtype == torch.float32 and attention_mask is None
-                and not (self.training and self.dropout > 0)
-                and seq <= MATERIALISED_MAX_SEQ
-                and batch * heads * seq * (seq + 1) // 2 * 4 <= MATERIALISED_MAX_BYTES)
-
-
-# Where the CPU flash kernel loses to compiled blocked attention: measured faster
-# (forward + backward, two threads, 8 x 4 heads x 32 dims, 2 key/value groups) at
-# 256 tokens (14.5 against 21.5 ms), 512 (54 against 82) and 1024 (197 against 246).
-MATERIALISED_MAX_SEQ = 1024
-MATERIALISED_MAX_BYTES = 64 << 20  # probabilities kept for backward, per layer
-
-
-def blocked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                             scale: float | None = None) -> torch.Tensor:
-    """Causal attention with its probabilities materialised, one block of queries at a time.
-
-    q [b, groups, heads per group, s, d]; k, v [b, groups, s, d]. Returns q's shape.
-
-    Each block of queries is scored only against the keys up to its last
-    position, which skips about half of the products of full-matrix attention;
-    a group's queries are stacked so that they share one product with the
-    group's keys. Compiled, the scaling, mask and softmax of a block fuse into
-    one kernel between two matrix products that run at the BLAS's speed; on
-    CPU the flash kernel multiplies in small tiles and, with 32-dim heads, runs
-    at well under that.
-    """
-    batch, groups, per_group, seq, head_dim = q.shape
-    q = q * (head_dim ** -0.5 if scale is None else scale)
-    block = max(32, seq // 16)
-    outputs = []
-    for start in range(0, seq, block):
-        end = min(start + block, seq)
-        rows = end - start
-        scores = torch.matmul(q[:, :, :, start:end].reshape(batch, groups, per_group * rows, head_dim),
-                              k[:, :, :end].transpose(-1, -2)).view(batch, groups, per_group, rows, end)
-        query_position = torch.arange(start, end, device=q.device)[:, None]
-        key_position = torch.arange(end, device=q.device)[None, :]
-        scores = torch.where(key_position <= query_position, scores, float("-inf"))
-        probabilities = scores.softmax(-1).view(batch, groups, per_group * rows, end)
-        outputs.append(torch.matmul(probabilities, v[:, :, :end]).view(batch, groups, per_group, rows, head_dim))
-    return torch.cat(outputs, dim=3)
 
 
 class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):

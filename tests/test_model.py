@@ -2,16 +2,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from pretrain.config import ModelConfig
-from pretrain.layers import (
-    SDPAttention,
-    apply_rotary_tables,
-    blocked_causal_attention,
-    rotary_frequencies,
-    rotary_tables,
-)
+from pretrain.layers import SDPAttention, apply_rotary_tables, rotary_frequencies, rotary_tables
 from pretrain.model import LlamaModel, transformer_config
 
 VOCAB = 256
@@ -83,42 +76,6 @@ def test_sdpa_attention_matches_explicit_grouped_attention():
     scores = scores.masked_fill(torch.ones(seq, seq).triu(1).bool(), float("-inf"))
     expected = torch.einsum("bhst,tbhd->sbhd", scores.softmax(-1), v_full).reshape(seq, batch, -1)
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("seq", [20, 64, 70])  # one block; two whole blocks; two and a ragged last one
-def test_blocked_causal_attention_matches_sdpa_with_gradients(seq):
-    torch.manual_seed(0)
-    batch, groups, per_group, dim = 2, 2, 3, 8
-    q = torch.randn(batch, groups, per_group, seq, dim, dtype=torch.float64, requires_grad=True)
-    k, v = (torch.randn(batch, groups, seq, dim, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    out = blocked_causal_attention(q, k, v, scale=0.3)
-    expected = F.scaled_dot_product_attention(q.flatten(1, 2), k, v, is_causal=True, scale=0.3,
-                                              enable_gqa=True).view_as(q)
-    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
-    grad_out = torch.randn_like(out)
-    for got, want in zip(torch.autograd.grad(out, (q, k, v), grad_out),
-                         torch.autograd.grad(expected, (q, k, v), grad_out)):
-        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-
-
-def test_attention_materialises_only_when_compiled_on_cpu_in_fp32():
-    cfg = transformer_config(ModelConfig(num_layers=1, hidden_size=32, num_attention_heads=4,
-                                         num_query_groups=2, ffn_hidden_size=64))
-    attention = SDPAttention(cfg, 1, None, "self")
-    query = torch.randn(16, 2, 4, 8)
-    decisions = []
-
-    @torch.compile(backend="eager", fullgraph=True)
-    def traced(q, mask):
-        decisions.append(attention.materialises(q, mask))
-        return q
-
-    traced(query, None)
-    traced(query.double(), None)
-    traced(query, torch.zeros(2, 1, 16, 16, dtype=torch.bool))
-    traced(torch.randn(2048, 2, 4, 8), None)
-    assert decisions == [True, False, False, False]
-    assert not attention.materialises(query, None)  # eager: SDPA's flash kernel
 
 
 def test_rotary_frequencies_layout():
