@@ -55,7 +55,6 @@ class TransformerLayerStage(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, index: int, seed: int):
         super().__init__()
-        self.cfg = cfg
         self.layer = build_module(layer_spec(), config=config, layer_number=index + 1)
         named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
         initialize_local(named, cfg, seed)
