@@ -141,7 +141,9 @@ def wandb_records(path: Path) -> list:
 
 def wandb_run_files(run_dir: Path) -> list[Path]:
     run_id = (run_dir / "wandb_run_id").read_text().strip()
-    return sorted(run_dir.glob(f"wandb/offline-run-*-{run_id}/run-{run_id}.wandb"))
+    # Matched by the file's name: W&B appends "-1" to the directory of a resumption that
+    # starts in the same second as the run (offline-run-<time>-<id>-1).
+    return sorted(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
 
 
 def test_wandb_offline_run_holds_config_history_and_checkpoints(run):
