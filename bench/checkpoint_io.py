@@ -88,7 +88,7 @@ def main() -> None:
     args = parser.parse_args()
 
     from parallel.groups import init_process_groups
-    from pretrain.trainer import Trainer, TrainingData
+    from pretrain.training.trainer import Trainer, TrainingData
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="checkpoint-io-"))
     root.mkdir(parents=True, exist_ok=True)

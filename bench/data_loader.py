@@ -55,7 +55,7 @@ def main() -> None:
     loader_rate = args.batches * batch["tokens"].numel() / (time.perf_counter() - start)
 
     from parallel.groups import init_process_groups
-    from pretrain.model import LlamaModel, transformer_config
+    from pretrain.model.llama import LlamaModel, transformer_config
 
     init_process_groups(1, 1, torch.device("cpu"))
     model = LlamaModel(cfg.model, transformer_config(cfg.model, params_dtype=torch.float32),

@@ -105,11 +105,11 @@ def main() -> None:
     from parallel.groups import destroy_process_groups, init_process_groups
     from parallel.rng import seed_model_parallel_rng
     from pretrain.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainerConfig
-    from pretrain.model import LlamaModel, transformer_config
-    from pretrain.flops import matmul_params
-    from pretrain.flops import flops_per_token as model_flops_per_token
-    from pretrain.optim import build_optimizer, build_scheduler
-    from pretrain.trainer import compile_model
+    from pretrain.model.llama import LlamaModel, transformer_config
+    from pretrain.training.flops import matmul_params
+    from pretrain.training.flops import flops_per_token as model_flops_per_token
+    from pretrain.training.optim import build_optimizer, build_scheduler
+    from pretrain.training.trainer import compile_model
 
     precision = "bf16" if device.type == "cuda" else "fp32"  # CPU: a smoke run, not a number
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32

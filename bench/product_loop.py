@@ -32,8 +32,8 @@ def compose(overrides: list[str]) -> Config:
 def build_trainer(cfg: Config, run_dir: str):
     """A one-process `Trainer` writing into `run_dir`, set up for chunked `run_steps`."""
     from parallel.groups import init_process_groups
-    from pretrain.callbacks import Checkpointing, Evaluation
-    from pretrain.trainer import Trainer, load_training_data
+    from pretrain.training.callbacks import Checkpointing, Evaluation
+    from pretrain.training.trainer import Trainer, load_training_data
 
     cfg.trainer.run_dir = run_dir
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))

@@ -1,6 +1,6 @@
 """The default model written in plain torch.nn: the reference the product is measured against.
 
-The same computation as `pretrain.model.LlamaModel` on one process (RMSNorm,
+The same computation as `pretrain.model.llama.LlamaModel` on one process (RMSNorm,
 SwiGLU, rotary embeddings in megatron-core's rotate-half layout, grouped-query
 attention through SDPA, fp32 cross entropy), with parameters named as in the
 product's state dict so its weights load unchanged. No megatron-core, no

@@ -24,8 +24,8 @@ class ReferenceLoop:
 
     def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], padded_vocab: int):
         from data_pipeline.dataset import DataParallelLoader
-        from pretrain.optim import learning_rate, parameter_groups
-        from pretrain.trainer import training_data
+        from pretrain.training.optim import learning_rate, parameter_groups
+        from pretrain.training.trainer import training_data
 
         o, t = cfg.optim, cfg.trainer
         self.model = ReferenceLlama(cfg.model, padded_vocab)

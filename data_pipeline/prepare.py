@@ -22,7 +22,7 @@ from data_pipeline.corpus import CorpusError, Document, fingerprint
 from data_pipeline.preprocess import MANIFEST, PreprocessJob, check_tokenizer, preprocess
 from data_pipeline.sources import read_records, resolve_inputs
 from data_pipeline.tokenizer import Tokenizer, train_tokenizer
-from pretrain.config import DataConfig
+from data_pipeline.config import DataConfig
 
 
 @dataclass

@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from launch.config import Launcher, launcher_from_dict
-from launch.env import ClusterEnvError
+from parallel.cluster_env import ClusterEnvError
 from pretrain.config import Config, ConfigError
 from pretrain.main import CONFIG_DIR, to_config
 

@@ -19,7 +19,7 @@ import signal
 import sys
 
 from launch.commands import TORCHRUN_ENV
-from launch.env import first_slurm_host, slurm_port
+from parallel.cluster_env import first_slurm_host, slurm_port
 
 
 def torchrun_argv(argv: list[str], env: dict[str, str]) -> list[str]:

@@ -12,7 +12,7 @@ from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
 from parallel.groups import MegatronMPU
-from pretrain import optim
+from pretrain.training import optim
 from pretrain.config import Config, ConfigError
 
 
@@ -200,7 +200,7 @@ def train_step(
             grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
             if hasattr(engine.optimizer, "overflow"):
                 # A non-finite norm skips the update, as DeepSpeed skips an fp16
-                # overflow (see pretrain.guard.skip_nonfinite_updates).
+                # overflow (see pretrain.training.guard.skip_nonfinite_updates).
                 engine.optimizer.overflow = not math.isfinite(float(grad_norm))
         engine.step()  # steps the optimizer only at the accumulation boundary
         total += loss.detach()

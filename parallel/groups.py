@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from launch.env import detect as detect_cluster
+from parallel.cluster_env import detect as detect_cluster
 
 
 @dataclass(frozen=True)

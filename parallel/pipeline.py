@@ -2,7 +2,7 @@
 
 megatron-core's own pipeline schedules assume CUDA, so pipeline parallelism
 runs through DeepSpeed's `PipelineModule` and its 1F1B engine. Each stage is
-built from the same megatron-core pieces as `pretrain.model.LlamaModel`, and
+built from the same megatron-core pieces as `pretrain.model.llama.LlamaModel`, and
 initialised under the single-process parameter names, so any partition
 starts from the same weights.
 
@@ -24,10 +24,10 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from pretrain.config import ModelConfig
-from pretrain.init import initialize_local
+from pretrain.model.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region, sequence_parallel_linear
-from pretrain.layers import ColumnParallelLinear, RMSNorm, RotaryTables
-from pretrain.model import layer_spec, masked_mean
+from pretrain.model.layers import ColumnParallelLinear, RMSNorm, RotaryTables
+from pretrain.model.llama import layer_spec, masked_mean
 
 
 class EmbeddingStage(torch.nn.Module):

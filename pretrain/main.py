@@ -62,7 +62,7 @@ def compose_config(overrides: list[str]) -> Config:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def hydra_main(raw: DictConfig) -> None:
     from data_pipeline.corpus import CorpusError, source_files
-    from launch.env import ClusterEnvError, detect
+    from parallel.cluster_env import ClusterEnvError, detect
 
     try:
         cfg = to_config(raw)
@@ -70,12 +70,12 @@ def hydra_main(raw: DictConfig) -> None:
         cfg.validate_world(cluster.world_size)
         source_files(cfg.data.sources)  # a missing corpus fails before the heavy imports
         if cfg.trainer.init_from:  # so does a missing or mismatched init_from
-            from pretrain.hf_import import check_source
+            from pretrain.hf.import_weights import check_source
 
             check_source(cfg.trainer.init_from, cfg.model)
     except (ConfigError, CorpusError, ClusterEnvError) as err:
         fail(str(err))
-    from pretrain.checkpoint import RunDirError, resolve_resume
+    from pretrain.checkpoint.files import RunDirError, resolve_resume
 
     try:  # so does a checkpoint that is incomplete, corrupt or of another model shape
         resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume, cfg.model)
@@ -85,7 +85,7 @@ def hydra_main(raw: DictConfig) -> None:
         from launch.rank_log import rank_log_path, tee_output
 
         tee_output(rank_log_path(cfg.trainer.run_dir, cluster.rank))
-    from pretrain.trainer import run  # heavy imports only once the config is known to be good
+    from pretrain.training.trainer import run  # heavy imports only once the config is known to be good
 
     try:
         run(cfg, OmegaConf.to_yaml(raw))
@@ -94,7 +94,7 @@ def hydra_main(raw: DictConfig) -> None:
     except Exception as err:
         # Bad-input errors from the data and checkpoint layers name their file.
         from data_pipeline.indexed import ShardError
-        from pretrain.checkpoint import RunDirError
+        from pretrain.checkpoint.files import RunDirError
 
         if isinstance(err, (CorpusError, ShardError, RunDirError)):
             fail(str(err))

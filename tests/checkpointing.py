@@ -8,7 +8,7 @@ from parity import VOCAB, PatternTokens, layout_config
 
 
 def make_trainer(topology, run_dir: Path, **trainer_keys):
-    from pretrain.trainer import Trainer, TrainingData
+    from pretrain.training.trainer import Trainer, TrainingData
 
     layout = {k: trainer_keys.pop(k) for k in ("tensor", "precision", "zero") if k in trainer_keys}
     cfg = layout_config(run_dir, **layout)

@@ -47,7 +47,7 @@ def run_pretrain(*overrides: str, cwd: Path, timeout: int = 600, env: dict | Non
 
 def complete_steps(run_dir: Path) -> list[int]:
     """The steps of a run directory's complete checkpoints, oldest first."""
-    from pretrain.checkpoint import complete_checkpoints
+    from pretrain.checkpoint.files import complete_checkpoints
 
     return [step for step, _ in complete_checkpoints(run_dir)]
 

@@ -84,7 +84,7 @@ class LossRecorder:
 def train_layout(run_dir: str, **layout) -> dict:
     """Per-step losses, and the step after a checkpoint round trip, for one layout."""
     from parallel.memory_plan import predict_rank
-    from pretrain import checkpoint
+    from pretrain.checkpoint.files import files as checkpoint
 
     trainer = layout_trainer(run_dir, **layout)
     cfg, topology = trainer.cfg, trainer.topology
@@ -115,7 +115,7 @@ def trainer_for(cfg: Config):
     """A `Trainer` of `cfg` on this world's process groups, reading the parity tokens
     (cut into documents when `cfg` uses the end-of-document options)."""
     from parallel.groups import init_process_groups
-    from pretrain.trainer import Trainer, TrainingData
+    from pretrain.training.trainer import Trainer, TrainingData
 
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
     cfg.validate_world(topology.world_size)

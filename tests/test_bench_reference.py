@@ -6,8 +6,8 @@ import torch
 
 from bench.reference_llama import ReferenceLlama
 from pretrain.config import ModelConfig, OptimConfig
-from pretrain.model import LlamaModel, transformer_config
-from pretrain.optim import build_optimizer, parameter_groups
+from pretrain.model.llama import LlamaModel, transformer_config
+from pretrain.training.optim import build_optimizer, parameter_groups
 
 VOCAB = 256
 CFG = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -82,7 +82,7 @@ def test_fused_cpu_adamw_makes_the_multi_tensor_update():
 
 def test_auto_compile_is_the_whole_model_on_one_process_only(monkeypatch):
     from parallel.groups import Topology
-    from pretrain.trainer import resolve_compile
+    from pretrain.training.trainer import resolve_compile
 
     def topology(world_size: int) -> Topology:
         return Topology(rank=0, world_size=world_size, local_rank=0, tensor=1, pipeline=1,

@@ -12,7 +12,7 @@ import torch
 from checkpointing import make_trainer, train
 from parity import layout_config
 
-from pretrain import checkpoint
+from pretrain.checkpoint.files import files as checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -133,7 +133,7 @@ def test_guard_skips_nonfinite_steps(single_process_groups, tmp_path, monkeypatc
 
 
 def test_guard_rolls_back_past_the_bad_data_or_aborts(single_process_groups, tmp_path, monkeypatch):
-    from pretrain.guard import TrainingDiverged
+    from pretrain.training.guard import TrainingDiverged
 
     monkeypatch.setenv("PRETRAIN_FAULT", "nan_loss=5,6")
     trainer = make_trainer(single_process_groups, tmp_path / "rollback", checkpoint_interval=4, max_bad_steps=1)

@@ -27,7 +27,7 @@ FP32_RTOL = 1e-5
 
 def run_export(*args: str):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([sys.executable, "-m", "pretrain.export", *args], cwd=REPO, env=env,
+    return subprocess.run([sys.executable, "-m", "pretrain.hf.export", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
 
 
@@ -77,7 +77,7 @@ def init_run(exported, workdir) -> Path:
 
 
 def _config(run_dir: Path, changes: dict):
-    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.checkpoint.files import latest_checkpoint
     from pretrain.config import Config, from_dict
 
     saved = torch.load(latest_checkpoint(run_dir) / "mp_rank_00_model_states.pt", map_location="cpu",
@@ -90,8 +90,8 @@ def _config(run_dir: Path, changes: dict):
 def two_rank_group(init_run: str, exported: str, workdir: str) -> dict:
     """TP=2 and PP=2 runs from scratch (for export), and a TP=2 run initialised from the export."""
     from parallel.groups import init_process_groups
-    from pretrain.hf_import import init_from
-    from pretrain.trainer import Trainer, load_training_data
+    from pretrain.hf.import_weights import init_from
+    from pretrain.training.trainer import Trainer, load_training_data
 
     losses = {}
     for name, parallel, steps, source in (("tp2", {"tensor": 2}, 4, None),
@@ -115,8 +115,8 @@ def two_ranks(init_run, exported, workdir) -> dict:
 
 def our_model(run_dir: Path):
     from parallel.groups import init_process_groups
-    from pretrain.consolidate import load_checkpoint
-    from pretrain.model import LlamaModel, transformer_config
+    from pretrain.checkpoint.consolidate import load_checkpoint
+    from pretrain.model.llama import LlamaModel, transformer_config
 
     init_process_groups(1, 1, torch.device("cpu"))
     checkpoint = load_checkpoint(run_dir)
@@ -136,7 +136,7 @@ def test_hugging_face_computes_our_logits(workdir, single_run, exported, two_ran
     run_dir = workdir / layout
     out = exported if layout == "single" else workdir / f"hf_{layout}"
     if layout != "single":
-        from pretrain.export import main
+        from pretrain.hf.export import main
 
         main([str(run_dir), str(out)])
     ours, checkpoint = our_model(run_dir)
@@ -180,7 +180,7 @@ def test_auto_tokenizer_encodes_as_training_did(single_run, exported):
 def test_step0_validation_loss_equals_the_exported_models(init_run, exported):
     import torch.nn.functional as F
 
-    from pretrain.evaluate import validation_batches
+    from pretrain.tools.evaluate import validation_batches
 
     records = metrics(init_run)
     step0 = next(r["valid/loss"] for r in records if r["step"] == 0 and "valid/loss" in r)
@@ -218,7 +218,7 @@ def test_export_refuses_bad_input_in_one_line(workdir, single_run, exported, two
     assert "not empty" in refused.stderr and "--force" in refused.stderr
     assert {p.name: p.stat().st_mtime_ns for p in exported.iterdir()} == before
 
-    from pretrain.export import main
+    from pretrain.hf.export import main
 
     missing = workdir / "no_such_run"
     broken = workdir / "broken" / "step_0000004"

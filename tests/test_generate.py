@@ -7,15 +7,15 @@ import pytest
 import torch
 
 from pretrain.config import Config, ModelConfig
-from pretrain.consolidate import CheckpointError, consolidate, load_checkpoint
-from pretrain.decode import Decoder
-from pretrain.generate import filter_logits, generate, next_token
+from pretrain.checkpoint.consolidate import CheckpointError, consolidate, load_checkpoint
+from pretrain.model.decode import Decoder
+from pretrain.tools.generate import filter_logits, generate, next_token
 
 SHAPE = dict(num_layers=2, hidden_size=64, num_attention_heads=8, num_query_groups=4, ffn_hidden_size=96)
 
 
 def llama(cfg: ModelConfig, vocab: int = 128, seed: int = 3):
-    from pretrain.model import LlamaModel, transformer_config
+    from pretrain.model.llama import LlamaModel, transformer_config
 
     model = LlamaModel(cfg, transformer_config(cfg), vocab, seed=seed).eval()
     with torch.no_grad():  # norms away from 1, so a swapped norm weight shows
@@ -184,7 +184,7 @@ def test_top_k_and_top_p_filtering():
 def test_generate_cli_on_the_trained_run(tmp_path_factory, capsys):
     from test_tracking import trained_run
 
-    from pretrain.generate import main
+    from pretrain.tools.generate import main
 
     run = trained_run(tmp_path_factory)
     common = [str(run.run_dir), "--prompt", "def main(", "--max-new-tokens", "24"]

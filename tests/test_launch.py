@@ -9,7 +9,7 @@ import pytest
 from launch import cli
 from launch.commands import torchrun_command
 from launch.config import TorchrunLauncher
-from launch.env import ClusterEnvError, detect, first_slurm_host
+from parallel.cluster_env import ClusterEnvError, detect, first_slurm_host
 from launch.node import torchrun_argv
 from launch.slurm import render_sbatch
 from launch.config import SlurmLauncher

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.layers import SDPAttention, apply_rotary_tables, rotary_frequencies, rotary_tables
-from pretrain.model import LlamaModel, transformer_config
+from pretrain.model.layers import SDPAttention, apply_rotary_tables, rotary_frequencies, rotary_tables
+from pretrain.model.llama import LlamaModel, transformer_config
 
 VOCAB = 256
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from pretrain.config import OptimConfig
-from pretrain.optim import learning_rate, parameter_groups
+from pretrain.training.optim import learning_rate, parameter_groups
 
 
 def schedule(kind: str) -> OptimConfig:

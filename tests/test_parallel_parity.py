@@ -132,8 +132,8 @@ def consolidated_loss(run_dir) -> float:
     """Loss on fixed batches of the checkpoint's weights, gathered into one process."""
     from data_pipeline.dataset import fixed_batches
     from parity import PatternTokens
-    from pretrain.consolidate import load_checkpoint
-    from pretrain.model import LlamaModel, transformer_config
+    from pretrain.checkpoint.consolidate import load_checkpoint
+    from pretrain.model.llama import LlamaModel, transformer_config
 
     checkpoint = load_checkpoint(run_dir)
     model = LlamaModel(checkpoint.model, transformer_config(checkpoint.model),
@@ -248,7 +248,7 @@ def test_tied_embedding_is_the_same_on_first_and_last_stage(two_ranks, four_rank
 @pytest.mark.parametrize("world,layout", TIED_LAYOUTS)
 def test_tied_pipeline_checkpoint_consolidates_to_the_single_process_model(tied_reference, two_ranks,
                                                                           four_ranks, world, layout):
-    from pretrain.consolidate import load_checkpoint
+    from pretrain.checkpoint.consolidate import load_checkpoint
 
     names = set(load_checkpoint(ROOTS[world] / layout).state_dict)
     assert "embedding.weight" in names and "output_layer.weight" not in names
@@ -260,7 +260,7 @@ def test_tied_pipeline_checkpoint_consolidates_to_the_single_process_model(tied_
 def test_tied_pipeline_checkpoint_resumes_in_one_process(tied_reference, two_ranks, tmp_path):
     # Resharded from PP=2 to one process: the next step equals the one the PP=2 run took.
     from parity import resumed_step
-    from pretrain import checkpoint
+    from pretrain.checkpoint.files import files as checkpoint
 
     source = ROOTS["two"] / "pp2_tied"
     loss = resumed_step(str(tmp_path / "resumed"), str(checkpoint.latest_checkpoint(str(source))), tie=True)

@@ -35,7 +35,7 @@ def test_plot_overlays_runs_in_three_panels(run, tmp_path):
     import matplotlib.colors
     import matplotlib.image
 
-    from pretrain.plot import plot_runs
+    from pretrain.tools.plot import plot_runs
 
     other = tmp_path / "other"
     record = lambda step, loss: json.dumps({"step": step, "loss": loss, "tokens_per_s": 100.0 * step})  # noqa: E731
@@ -78,12 +78,12 @@ def test_plot_overlays_runs_in_three_panels(run, tmp_path):
 
 
 def test_plot_refuses_missing_runs_in_one_line(tmp_path, capsys):
-    result = subprocess.run([sys.executable, "-m", "pretrain.plot", str(tmp_path / "missing")],
+    result = subprocess.run([sys.executable, "-m", "pretrain.tools.plot", str(tmp_path / "missing")],
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr == f"pretrain-plot: error: {tmp_path / 'missing'}: no such run directory\n"
 
-    from pretrain.plot import main
+    from pretrain.tools.plot import main
 
     with pytest.raises(SystemExit) as exit_:
         main([str(tmp_path), "-o", str(tmp_path / "x.png")])
@@ -109,7 +109,7 @@ def test_eval_reproduces_the_trainers_validation_loss(run):
     # Not the process-group variables of this test process, if it has started one.
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     result = subprocess.run(
-        [sys.executable, "-m", "pretrain.evaluate", str(run.run_dir / "checkpoints" / "step_0000012"),
+        [sys.executable, "-m", "pretrain.tools.evaluate", str(run.run_dir / "checkpoints" / "step_0000012"),
          "--valid", "--json"],
         capture_output=True, text=True, timeout=300, env=env,
     )
@@ -122,7 +122,7 @@ def test_eval_reproduces_the_trainers_validation_loss(run):
 
 def test_eval_in_process_on_an_earlier_checkpoint_and_a_text_file(run, tmp_path, capsys):
     from data_pipeline.tokenizer import Tokenizer
-    from pretrain.evaluate import main
+    from pretrain.tools.evaluate import main
 
     # The run's config supplies seq_len; batches of 8 as the trainer used.
     scores = main([str(run.run_dir / "checkpoints" / "step_0000006"), "--valid", "--json"])
@@ -150,7 +150,7 @@ def test_eval_in_process_on_an_earlier_checkpoint_and_a_text_file(run, tmp_path,
     (["{run}", "--data", "{valid}", "--seq-len", "5000"], "--seq-len=5000: expected 1..1024 (model.max_seq_len)"),
 ])
 def test_eval_refuses_bad_input_in_one_line(run, tmp_path, capsys, args, message):
-    from pretrain.evaluate import main
+    from pretrain.tools.evaluate import main
 
     fill = dict(run=run.run_dir, tmp=tmp_path, valid=run.valid_prefix)
     with pytest.raises(SystemExit) as exit_:

@@ -16,9 +16,9 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import TINY, run_pretrain
-from pretrain.callbacks import ConsoleProgress, TensorBoardSink, WandbSink
+from pretrain.training.callbacks import ConsoleProgress, TensorBoardSink, WandbSink
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.flops import FlopsMeter, flops_per_token, matmul_params, peak_for_name
+from pretrain.training.flops import FlopsMeter, flops_per_token, matmul_params, peak_for_name
 
 STEPS, INTERVAL, PEAK = 12, 6, 1e12
 TINY_MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
@@ -262,7 +262,7 @@ def test_peak_flops_table_and_configured_peak():
 
 
 def test_loss_scale_is_reported_for_fp16_only():
-    from pretrain.callbacks import loss_scale
+    from pretrain.training.callbacks import loss_scale
 
     engine = lambda fp16, scale: SimpleNamespace(fp16_enabled=lambda: fp16,  # noqa: E731
                                                  optimizer=SimpleNamespace(loss_scale=scale))

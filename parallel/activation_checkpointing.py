@@ -21,7 +21,7 @@ import torch
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch.utils.checkpoint import checkpoint
 
-from pretrain.layers import SDPAttention
+from pretrain.model.layers import SDPAttention
 
 
 def _checkpointed(forward):

@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, TextIO
 
 import torch
 
-from pretrain import checkpoint
+from pretrain.checkpoint.files import files as checkpoint
 
 if TYPE_CHECKING:
     from pretrain.config import Config
-    from pretrain.preemption import SaveTriggers
-    from pretrain.trainer import Trainer
+    from pretrain.training.preemption import SaveTriggers
+    from pretrain.training.trainer import Trainer
 
 
 class Callback:

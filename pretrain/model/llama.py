@@ -26,10 +26,10 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from pretrain.config import ModelConfig
-from pretrain.init import initialize_local
+from pretrain.model.init import initialize_local
 from parallel.sequence import scatter_to_sequence_parallel_region
 from parallel.output_loss import token_weights
-from pretrain.layers import (
+from pretrain.model.layers import (
     ColumnParallelLinear,
     OutputLayer,
     RMSNorm,
@@ -41,7 +41,7 @@ from pretrain.layers import (
 
 # megatron-core rotates queries and keys through this hook when `apply_rope_fusion`
 # is set (Transformer Engine's kernel, where installed, which takes angles). The
-# model sets it and passes cos/sin tables (`pretrain.layers.rotary_tables`).
+# model sets it and passes cos/sin tables (`pretrain.model.layers.rotary_tables`).
 rope_utils.fused_apply_rotary_pos_emb = apply_rotary_tables
 
 
@@ -57,9 +57,9 @@ def transformer_config(
     """megatron-core's TransformerConfig for our model config.
 
     Every CUDA-only fusion is switched off. megatron-core's own initialisation
-    is skipped: `pretrain.init` draws the weights, the same for every layout.
+    is skipped: `pretrain.model.init` draws the weights, the same for every layout.
     `recompute` selects megatron-core's own recomputation, which needs CUDA;
-    training uses `parallel.checkpointing` instead, which runs anywhere.
+    training uses `parallel.activation_checkpointing` instead, which runs anywhere.
     """
     return TransformerConfig(
         num_layers=cfg.num_layers,

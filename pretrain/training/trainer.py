@@ -39,10 +39,10 @@ from parallel.pipeline import build_pipeline
 from parallel.rng import seed_model_parallel_rng
 from parallel.tensor import reduce_sequence_parallel_grads
 from parallel.groups import Topology, init_process_groups, resolve_device
-from parallel.checkpointing import apply_activation_checkpointing
+from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.memory import MemoryReport
 from pretrain import async_save, checkpoint, faults
-from pretrain.callbacks import (
+from pretrain.training.callbacks import (
     Callback,
     Checkpointing,
     ConsoleProgress,
@@ -52,13 +52,13 @@ from pretrain.callbacks import (
     memory_bytes,
 )
 from pretrain.config import Config, ConfigError
-from pretrain.flops import FlopsMeter
-from pretrain.host_memory import retain_freed_host_memory
-from pretrain.guard import EXIT_DIVERGED, MAX_ROLLBACKS_PER_CHECKPOINT, BadStepGuard, TrainingDiverged, \
+from pretrain.training.flops import FlopsMeter
+from pretrain.training.host_memory import retain_freed_host_memory
+from pretrain.training.guard import EXIT_DIVERGED, MAX_ROLLBACKS_PER_CHECKPOINT, BadStepGuard, TrainingDiverged, \
     skip_nonfinite_updates
-from pretrain.model import LlamaModel, transformer_config
-from pretrain.optim import build_scheduler
-from pretrain.preemption import SaveTriggers
+from pretrain.model.llama import LlamaModel, transformer_config
+from pretrain.training.optim import build_scheduler
+from pretrain.training.preemption import SaveTriggers
 
 
 @dataclass
@@ -356,7 +356,7 @@ class Trainer:
         self.log({"step": self.state.step, "checkpoint/step": pending.facts["step"], "checkpoint/path": str(path)})
 
     def load_checkpoint(self, path: Path) -> None:
-        from pretrain import reshard
+        from pretrain.checkpoint.files import reshard
 
         # A checkpoint of another parallel layout is resharded; DeepSpeed reloads only its own.
         client_state = (reshard.load_resharded(self, path) if reshard.layout_changed(self, path)
@@ -427,7 +427,7 @@ def run(cfg: Config, resolved_yaml: str) -> TrainState:
         checkpoint.restore_run_files(resume_from, cfg.trainer.run_dir)  # the W&B run id, before the sinks
     trainer = Trainer(cfg, topology, load_training_data(cfg, topology, log), triggers)
     if resume_from is None and cfg.trainer.init_from:  # continued pretraining from exported weights
-        from pretrain.hf_import import init_from
+        from pretrain.hf.import_weights import init_from
 
         init_from(trainer, cfg.trainer.init_from)
     checkpoint.write_run_file(cfg.trainer.run_dir, "config.yaml", resolved_yaml.encode())

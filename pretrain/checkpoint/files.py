@@ -244,7 +244,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, *, files: dict[str
             (staging / name).write_bytes(data)
     facts = {"step": step, "world_size": world_size, "model": model}
     if writer is not None:
-        from pretrain.async_save import PendingSave
+        from pretrain.checkpoint.background_writer import PendingSave
 
         writer.start(staging)
         return PendingSave(staging, final, facts, run_dir, keep_last, keep_every, rank)

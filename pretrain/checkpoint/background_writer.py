@@ -53,7 +53,7 @@ class BackgroundWriter:
 
     def start(self, directory: Path) -> None:
         """Writes what was queued, then flushes `directory` to disk, in a thread."""
-        from pretrain.checkpoint import fsync_tree
+        from pretrain.checkpoint.files import fsync_tree
 
         jobs, self.queued = self.queued, []
 
@@ -99,7 +99,7 @@ class PendingSave:
     rank: int
 
     def commit(self) -> Path:
-        from pretrain import checkpoint
+        from pretrain.checkpoint.files import files as checkpoint
 
         if self.rank == 0:
             checkpoint.publish(self.run_dir, self.staging, self.final, self.facts, self.keep_last,

@@ -3,7 +3,7 @@
 megatron-core's inference path (KV cache, dynamic batching) expects CUDA.
 Generation needs much less: one sequence at a time, a cache of past keys and
 values, any device. `Decoder` reads the single-process `LlamaModel` weights
-(see `pretrain.consolidate`) and computes the same logits as
+(see `pretrain.checkpoint.consolidate`) and computes the same logits as
 `LlamaModel.forward`; the tests hold the two to 1e-5 in fp32. It imports
 neither megatron-core nor DeepSpeed, so generation starts quickly.
 """
@@ -72,7 +72,7 @@ class Decoder:
     def angles(self, start: int, stop: int) -> torch.Tensor:
         """Rotary angles [stop - start, head_dim] for positions start..stop-1.
 
-        The same angles as `pretrain.layers.rotary_frequencies` (both halves of
+        The same angles as `pretrain.model.layers.rotary_frequencies` (both halves of
         the head dimension rotate together, megatron-core's non-interleaved
         layout), grown on demand.
         """

@@ -76,7 +76,7 @@ def write_export(checkpoint, tokenizer, directory: Path, dtype: torch.dtype) -> 
     """Writes every export file of `checkpoint` into `directory` (which exists and is empty)."""
     from safetensors.torch import save_file
 
-    from pretrain.hf_format import check_weights, hf_config, to_hf
+    from pretrain.hf.format import check_weights, hf_config, to_hf
 
     weights = {name: t.to(dtype).contiguous() for name, t in checkpoint.state_dict.items()
                if isinstance(t, torch.Tensor) and not name.endswith("_extra_state")}
@@ -113,8 +113,8 @@ def install(staging: Path, out_dir: Path) -> None:
 
 def check_complete(path: Path) -> None:
     """Refuses a checkpoint whose save was interrupted: its manifest is missing or disagrees."""
-    from pretrain.checkpoint import COMPLETE, PARTIAL, RunDirError, read_manifest
-    from pretrain.consolidate import CheckpointError
+    from pretrain.checkpoint.files import COMPLETE, PARTIAL, RunDirError, read_manifest
+    from pretrain.checkpoint.consolidate import CheckpointError
 
     if path.name.endswith(PARTIAL):
         raise CheckpointError(f"{path}: incomplete checkpoint (its save was interrupted)")
@@ -131,7 +131,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
 
     Raises CheckpointError / FormatError / FileExistsError with one-line messages.
     """
-    from pretrain.consolidate import CheckpointError, find_checkpoint, load_checkpoint, load_tokenizer
+    from pretrain.checkpoint.consolidate import CheckpointError, find_checkpoint, load_checkpoint, load_tokenizer
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -175,8 +175,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> Path:
     args = parse_args(argv)
-    from pretrain.consolidate import CheckpointError
-    from pretrain.hf_format import FormatError
+    from pretrain.checkpoint.consolidate import CheckpointError
+    from pretrain.hf.format import FormatError
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     try:

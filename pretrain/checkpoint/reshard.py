@@ -29,7 +29,7 @@ import torch
 
 from parallel import sharding
 from parallel.engine_state import MOMENTS, canonical_name
-from pretrain.consolidate import CheckpointError, LAYER_FILE, _first_states, _load
+from pretrain.checkpoint.consolidate import CheckpointError, LAYER_FILE, _first_states, _load
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def _local_names(module: dict[str, torch.Tensor]) -> list[tuple[str, tuple]]:
 
 
 def _split(names: list[tuple[str, tuple]]) -> tuple[list[str], list[str]]:
-    """The optimizer's two parameter groups: decayed matrices, and the rest (`pretrain.optim`)."""
+    """The optimizer's two parameter groups: decayed matrices, and the rest (`pretrain.training.optim`)."""
     decay = [n for n, shape in names if len(shape) >= 2 and "embedding" not in n]
     return decay, [n for n, shape in names if not (len(shape) >= 2 and "embedding" not in n)]
 
@@ -251,7 +251,7 @@ _DS_KEYS = re.compile(r"module|optimizer|lr_scheduler|.*_shapes|shared_params|fr
 
 def layout_changed(trainer, path: Path) -> Layout | None:
     """The checkpoint's layout when it differs from the trainer's, else None."""
-    from pretrain.checkpoint import RunDirError
+    from pretrain.checkpoint.files import RunDirError
 
     try:
         saved = saved_layout(read_first_states(path), path)
@@ -266,7 +266,7 @@ def load_resharded(trainer, path: Path) -> dict:
     """Loads checkpoint `path` of another layout into `trainer.engine`; returns its client state."""
     from parallel.engine_state import canonical_parameters, set_learning_rate_state, write_state
 
-    from pretrain.checkpoint import RunDirError
+    from pretrain.checkpoint.files import RunDirError
 
     t, p = trainer.topology, trainer.cfg.parallel
     if p.zero_stage == 3 or p.precision == "fp16":

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.hf_format import FormatError, check_weights, config_mismatch, from_hf
+from pretrain.hf.format import FormatError, check_weights, config_mismatch, from_hf
 
 KEY = "trainer.init_from"
 

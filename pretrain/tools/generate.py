@@ -112,8 +112,8 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    from pretrain.consolidate import CheckpointError, load_checkpoint, load_tokenizer
-    from pretrain.decode import Decoder
+    from pretrain.checkpoint.consolidate import CheckpointError, load_checkpoint, load_tokenizer
+    from pretrain.model.decode import Decoder
 
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda: no CUDA device is visible")

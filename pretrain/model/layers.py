@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from parallel import sequence
 from parallel.output_loss import chunked_output_loss
-from pretrain.decode import rotate
+from pretrain.model.decode import rotate
 
 
 class RMSNorm(torch.nn.Module):
@@ -214,7 +214,7 @@ def apply_rotary_tables(t: torch.Tensor, tables: torch.Tensor, interleaved: bool
     """megatron-core's rotation (rotate-half, as its unfused `_apply_rotary_pos_emb_bshd`)
     of `t` [s, b, heads, head_dim] by `rotary_tables` [s, 1 or b, 1, 2 * head_dim].
 
-    Installed as megatron-core's fused-RoPE function (see `pretrain.model`), the
+    Installed as megatron-core's fused-RoPE function (see `pretrain.model.llama`), the
     hook its `apply_rotary_pos_emb` calls under `apply_rope_fusion`.
     """
     if interleaved:

@@ -77,7 +77,7 @@ def validation_batches(train_config: dict) -> Iterator[np.ndarray]:
     """The fixed held-out batches the trainer evaluated on (data-parallel size 1)."""
     from data_pipeline.dataset import fixed_batches
     from pretrain.config import Config, from_dict
-    from pretrain.trainer import training_data
+    from pretrain.training.trainer import training_data
 
     cfg = from_dict(Config, train_config)
     valid = training_data(cfg, log=lambda *_: None).valid
@@ -121,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    from pretrain.consolidate import CheckpointError, find_checkpoint, load_checkpoint, load_tokenizer
+    from pretrain.checkpoint.consolidate import CheckpointError, find_checkpoint, load_checkpoint, load_tokenizer
 
     try:
         find_checkpoint(args.checkpoint)
@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict:
     from data_pipeline.dataset import PackedSequenceDataset
     from data_pipeline.indexed import ShardError, open_shard
     from parallel.groups import init_process_groups
-    from pretrain.model import LlamaModel, transformer_config
+    from pretrain.model.llama import LlamaModel, transformer_config
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device = torch.device("cuda" if use_cuda else "cpu")
