@@ -88,7 +88,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from parallel.groups import init_process_groups
-    from pretrain.training.trainer import Trainer, TrainingData
+    from data_pipeline.training_data import TrainingData
+    from pretrain.training.build import build_trainer
 
     root = Path(args.dir or tempfile.mkdtemp(prefix="checkpoint-io-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -98,15 +99,14 @@ def main() -> None:
         stalls = {}
         for background in (False, True):
             cfg = config(root / ("async" if background else "sync"), args.hidden, args.layers, background)
-            trainer = Trainer(cfg, topology, data)
-            trainer.callbacks = []  # the loop only; saves are timed by hand below
+            trainer = build_trainer(cfg, topology, data, callbacks=[])  # the loop only; saves are timed below
             trainer.fit()  # two steps: the optimizer has its moments
             start = time.perf_counter()
             path = trainer.save_checkpoint()
             stalls[background] = time.perf_counter() - start
             if background:
                 start = time.perf_counter()
-                trainer.finish_pending_save()
+                trainer.checkpointer.commit_pending(trainer.state.step)
                 written = stalls[background] + time.perf_counter() - start
             else:
                 size = checkpoint_bytes(path)

@@ -59,8 +59,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, run_dir)
-        padded_vocab = trainer.model.padded_vocab_size
-        reference = ReferenceProcess(cfg, trainer.model, padded_vocab)
+        model = trainer.engine.module
+        reference = ReferenceProcess(cfg, model, model.padded_vocab_size)
         product_losses = LossLog()
         trainer.sinks.append(product_losses)
 

@@ -101,7 +101,9 @@ def main() -> None:
     device = torch.device(args.device, 0) if args.device == "cuda" else torch.device("cpu")
     # DeepSpeed picks its accelerator at import; only the client AdamW is used, so no op is built.
     os.environ.setdefault("DS_ACCELERATOR", device.type)
-    from parallel.engine import build_engine, clips_in_loop, train_step
+    from parallel.compile import compile_model
+    from parallel.engine import EngineOptions, build_engine, clips_in_loop
+    from parallel.step import train_step
     from parallel.groups import destroy_process_groups, init_process_groups
     from parallel.rng import seed_model_parallel_rng
     from pretrain.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainerConfig
@@ -109,7 +111,7 @@ def main() -> None:
     from pretrain.training.flops import matmul_params
     from pretrain.training.flops import flops_per_token as model_flops_per_token
     from pretrain.training.optim import build_optimizer, build_scheduler
-    from pretrain.training.trainer import compile_model
+    from pretrain.model.build import LAYER_TYPES
 
     precision = "bf16" if device.type == "cuda" else "fp32"  # CPU: a smoke run, not a number
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -134,13 +136,15 @@ def main() -> None:
     )
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(cfg.optim, cfg.trainer.train_steps)
-    engine = build_engine(cfg, model, optimizer, scheduler, data_parallel=1)
-    compile_model(engine.module, args.compile)
+    options = EngineOptions(micro_batch_size=cfg.trainer.micro_batch_size,
+                            global_batch_size=cfg.trainer.global_batch_size, grad_clip=cfg.optim.grad_clip)
+    engine = build_engine(model, optimizer, scheduler, cfg.parallel, options, data_parallel=1)
+    compile_model(engine.module, args.compile, LAYER_TYPES)
     if args.sdpa != "auto":
         wanted = {"efficient": "mem_efficient"}.get(args.sdpa, args.sdpa)
         for backend in ("flash", "cudnn", "mem_efficient", "math"):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == wanted)
-    clip = cfg.optim.grad_clip if clips_in_loop(cfg) else 0.0
+    clip = cfg.optim.grad_clip if clips_in_loop(cfg.parallel) else 0.0
     batches = random_batches(args.vocab, args.micro_batch, args.seq, device)
 
     flops_token = model_flops_per_token(mcfg, args.seq, padded_vocab)
@@ -212,7 +216,7 @@ def profile_step(engine, batches, device: torch.device, clip: float) -> None:
     """Top kernels of one step: shows which attention kernel SDPA chose and where time goes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from parallel.engine import train_step
+    from parallel.step import train_step
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:

@@ -21,28 +21,29 @@ from pretrain.config import Config
 
 def compose(overrides: list[str]) -> Config:
     """The config `pretrain` would run with these overrides."""
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from pretrain.hydra_config import compose_config
 
-    from pretrain.main import CONFIG_DIR, to_config
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=overrides))
+    return compose_config(overrides)
 
 
 def build_trainer(cfg: Config, run_dir: str):
     """A one-process `Trainer` writing into `run_dir`, set up for chunked `run_steps`."""
+    from data_pipeline.training_data import load_training_data
     from parallel.groups import init_process_groups
-    from pretrain.training.callbacks import Checkpointing, Evaluation
-    from pretrain.training.trainer import Trainer, load_training_data
+    from pretrain.training.build import build_trainer
+    from pretrain.training.callbacks import Checkpointing, ConsoleProgress
+    from pretrain.training.memory_report import MemoryReport
+    from pretrain.training.preemption import SaveTriggers
 
     cfg.trainer.run_dir = run_dir
+    t = cfg.trainer
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
-    trainer = Trainer(cfg, topology, load_training_data(cfg, topology, log=lambda *_: None))
-    trainer.callbacks = [c for c in trainer.callbacks if not isinstance(c, Evaluation)]
-    for callback in trainer.callbacks:
-        if isinstance(callback, Checkpointing):
-            callback.on_train_end = lambda trainer: None  # no save each time a chunk ends
-    return trainer
+    triggers = SaveTriggers(t.checkpoint_interval, t.checkpoint_minutes, topology.device)
+    callbacks = [ConsoleProgress(t.log_interval),
+                 Checkpointing(triggers, save_at_end=False),  # no save each time a chunk ends
+                 MemoryReport(cfg)]
+    return build_trainer(cfg, topology, load_training_data(cfg.data, topology.rank, log=lambda *_: None),
+                         triggers, callbacks)
 
 
 def run_steps(trainer, steps: int) -> None:

@@ -25,7 +25,7 @@ class ReferenceLoop:
     def __init__(self, cfg: Config, weights: dict[str, torch.Tensor], padded_vocab: int):
         from data_pipeline.dataset import DataParallelLoader
         from pretrain.training.optim import learning_rate, parameter_groups
-        from pretrain.training.trainer import training_data
+        from data_pipeline.training_data import training_data
 
         o, t = cfg.optim, cfg.trainer
         self.model = ReferenceLlama(cfg.model, padded_vocab)
@@ -36,7 +36,7 @@ class ReferenceLoop:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda step: learning_rate(step, o, total_steps) / o.lr)
         # The same cached shards and sample order as the product's loader.
-        self.loader = DataParallelLoader(training_data(cfg, log=lambda *_: None).train, t.micro_batch_size)
+        self.loader = DataParallelLoader(training_data(cfg.data, log=lambda *_: None).train, t.micro_batch_size)
         self.accumulation = t.global_batch_size // t.micro_batch_size
         self.clip = o.grad_clip
         self.losses: list[float] = []

@@ -56,13 +56,13 @@ class Ranges:
 
 
 def instrument(trainer, ranges: Ranges) -> None:
-    import parallel.engine
+    import parallel.step
 
-    engine = trainer.engine
+    engine = trainer.engine.deepspeed
     engine.forward = ranges.wrap("forward", engine.forward)
     engine.backward = ranges.wrap("backward", engine.backward)
     engine.step = ranges.wrap("optimizer", engine.step)
-    parallel.engine.clip_grad_norm_ = ranges.wrap("clip", parallel.engine.clip_grad_norm_)
+    parallel.step.clip_grad_norm_ = ranges.wrap("clip", parallel.step.clip_grad_norm_)
     loader = trainer.train_loader
     trainer.train_loader = type("TimedLoader", (), {
         "__iter__": lambda self: self,

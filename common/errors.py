@@ -11,11 +11,22 @@ from __future__ import annotations
 import sys
 from typing import NoReturn
 
+# Exit statuses every entry point and job script agrees on.
 EXIT_BAD_INPUT = 2
+# A run aborted because its loss or gradients stayed non-finite.
+EXIT_DIVERGED = 3
+# A run stopped by SIGTERM after saving a checkpoint: sysexits.h's EX_TEMPFAIL,
+# "temporary failure, the user is invited to retry". A scheduler or job script
+# that sees it requeues the job; the rerun resumes.
+EXIT_PREEMPTED = 75
 
 
 class UserError(Exception):
     """Input the user can fix; the message names the key, file or value."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Training cannot continue: the message says at which step and why (exit status 3)."""
 
 
 def first_line(err: BaseException) -> str:

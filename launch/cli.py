@@ -21,24 +21,22 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import HydraException
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from common import errors
+from common.errors import EXIT_BAD_INPUT, UserError, first_line
 from launch.config import Launcher, launcher_from_dict
-from parallel.cluster_env import ClusterEnvError
-from pretrain.config import Config, ConfigError
-from pretrain.main import CONFIG_DIR, to_config
+from pretrain.config import Config
+from pretrain.hydra_config import CONFIG_DIR, composition_error, compose_points, to_config
 
 PROG = "pretrain-launch"
-EXIT_BAD_INPUT = 2
 _statuses: list[int] = []  # one exit status per launched run (multirun: per point)
 
 
 def fail(message: str) -> None:
-    print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+    errors.fail(PROG, message)
 
 
 def override_key(override: str) -> str:
@@ -97,7 +95,7 @@ def _ranks_formula(launcher: Launcher) -> str:
 
 def plan(raw: DictConfig) -> tuple[Launcher, Config]:
     """The typed launcher and training configs, checked against each other."""
-    from data_pipeline.corpus import CorpusError, source_files
+    from data_pipeline.corpus import source_files
 
     try:
         launcher = launcher_from_dict(OmegaConf.to_container(raw.launcher, resolve=True))
@@ -109,17 +107,17 @@ def plan(raw: DictConfig) -> tuple[Launcher, Config]:
             from launch.slurm import check_partition
 
             check_partition(launcher)
-    except (ConfigError, CorpusError, ClusterEnvError) as err:
+    except UserError as err:
         fail(str(err))
     except OmegaConfBaseException as err:
-        fail(str(err).strip().splitlines()[0])
+        fail(first_line(err))
     return launcher, cfg
 
 
 def launch(raw: DictConfig) -> int:
     from launch.commands import TORCHRUN_ENV, deepspeed_command, torchrun_command
     from launch.local import run_command, run_local
-    from launch.rendezvous import free_port
+    from common.net import free_port
     from launch.slurm import submit_slurm
 
     launcher, cfg = plan(raw)
@@ -143,7 +141,7 @@ def launch(raw: DictConfig) -> int:
             command = deepspeed_command(launcher, overrides, launcher.master_port or free_port())
             return run_command(command, launcher.dry_run)
         return submit_slurm(launcher, overrides, run_dir)
-    except ConfigError as err:
+    except UserError as err:
         fail(str(err))
     return EXIT_BAD_INPUT
 
@@ -172,18 +170,17 @@ def sweep_points(overrides: list[str]) -> list[list[str]]:
 
 
 def precheck(overrides: list[str], multirun: bool) -> None:
-    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
 
     try:
         points = sweep_points(overrides) if multirun else [overrides]
-        with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-            for point in points:
-                plan(compose(config_name="config", overrides=[o for o in point
-                                                              if not override_key(o).startswith("hydra")]))
-    except (HydraException, OmegaConfBaseException) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        cause = str(err.__cause__).strip().splitlines()[0] if err.__cause__ else ""
-        fail(f"{first} {cause}".strip())
+        raws = compose_points([[o for o in point if not override_key(o).startswith("hydra")] for point in points])
+    except (HydraException, OmegaConfBaseException) as err:  # a sweep that does not parse
+        fail(composition_error(err))
+    except UserError as err:
+        fail(str(err))
+    for raw in raws:
+        plan(raw)
 
 
 def cli() -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from launch.config import DeepSpeedLauncher, TorchrunLauncher, host_port
 from launch.rendezvous import is_local_address, route_address, wait_for_endpoint
-from pretrain.config import ConfigError
+from common.typed_config import ConfigError
 
 TRAIN_MODULE = "pretrain.main"
 

@@ -11,23 +11,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pretrain.config import ConfigError, from_dict
-
-
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise ConfigError(message)
+from common.typed_config import from_dict, require
 
 
 def _positive(obj, *keys: str) -> None:
     for key in keys:
         value = getattr(obj, key)
-        _require(value is None or value >= 1, f"launcher.{key}={value}: expected >= 1")
+        require(value is None or value >= 1, f"launcher.{key}={value}: expected >= 1")
 
 
 def host_port(key: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
-    _require(bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536,
+    require(bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536,
              f"launcher.{key}={value}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
@@ -70,19 +65,19 @@ class TorchrunLauncher:
 
     def __post_init__(self) -> None:
         _positive(self, "nproc_per_node", "nnodes")
-        _require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts}: expected >= 0")
-        _require(self.probe_seconds >= 0, f"launcher.probe_seconds={self.probe_seconds}: expected >= 0")
+        require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts}: expected >= 0")
+        require(self.probe_seconds >= 0, f"launcher.probe_seconds={self.probe_seconds}: expected >= 0")
         if self.rdzv_endpoint is not None:
             host_port("rdzv_endpoint", self.rdzv_endpoint)
-            _require(self.node_rank is None and self.master_addr is None,
+            require(self.node_rank is None and self.master_addr is None,
                      "launcher.rdzv_endpoint with launcher.node_rank/master_addr: expected either "
                      "a c10d endpoint or static node ranks, not both")
         elif self.nnodes > 1:
-            _require(self.master_addr is not None and self.node_rank is not None,
+            require(self.master_addr is not None and self.node_rank is not None,
                      f"launcher.nnodes={self.nnodes}: expected launcher.rdzv_endpoint=HOST:PORT "
                      "(c10d) or launcher.master_addr and launcher.node_rank (static)")
         if self.node_rank is not None:
-            _require(0 <= self.node_rank < self.nnodes,
+            require(0 <= self.node_rank < self.nnodes,
                      f"launcher.node_rank={self.node_rank}: expected 0 <= node_rank < "
                      f"launcher.nnodes={self.nnodes}")
 
@@ -105,7 +100,7 @@ class DeepSpeedLauncher:
 
     def __post_init__(self) -> None:
         _positive(self, "nproc_per_node")
-        _require(not (self.include and self.exclude),
+        require(not (self.include and self.exclude),
                  "launcher.include with launcher.exclude: expected at most one of them")
 
 
@@ -117,7 +112,7 @@ def slurm_seconds(time: str) -> int | None:
     if time.lower() in ("unlimited", "infinite"):
         return None
     match = SLURM_TIME.match(time)
-    _require(match is not None, f"launcher.time={time}: expected [D-]HH:MM:SS, MM or UNLIMITED")
+    require(match is not None, f"launcher.time={time}: expected [D-]HH:MM:SS, MM or UNLIMITED")
     days, a, b, c = match.groups()
     if days is not None:  # D-HH, D-HH:MM, D-HH:MM:SS
         hours, minutes, seconds = int(a), int(b or 0), int(c or 0)
@@ -158,22 +153,22 @@ class SlurmLauncher:
 
     def __post_init__(self) -> None:
         _positive(self, "nodes", "nproc_per_node", "cpus_per_node")
-        _require(self.gpus_per_node >= 0, f"launcher.gpus_per_node={self.gpus_per_node}: expected >= 0")
-        _require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts}: expected >= 0")
-        _require(bool(re.fullmatch(r"[\w.+-]+", self.job_name)),
+        require(self.gpus_per_node >= 0, f"launcher.gpus_per_node={self.gpus_per_node}: expected >= 0")
+        require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts}: expected >= 0")
+        require(bool(re.fullmatch(r"[\w.+-]+", self.job_name)),
                  f"launcher.job_name={self.job_name}: expected letters, digits and ._+-")
         limit = slurm_seconds(self.time)
-        _require(0 <= self.signal_seconds <= 65535,
+        require(0 <= self.signal_seconds <= 65535,
                  f"launcher.signal_seconds={self.signal_seconds}: expected 0 to 65535 (Slurm's limit)")
-        _require(limit is None or self.signal_seconds < limit,
+        require(limit is None or self.signal_seconds < limit,
                  f"launcher.signal_seconds={self.signal_seconds}: expected less than "
                  f"launcher.time={self.time} ({limit} s)")
-        _require(0 <= self.save_wait_seconds,
+        require(0 <= self.save_wait_seconds,
                  f"launcher.save_wait_seconds={self.save_wait_seconds}: expected >= 0")
         for line in self.directives:
-            _require(line.startswith("--"), f"launcher.directives: {line!r}: expected an sbatch option (--...)")
+            require(line.startswith("--"), f"launcher.directives: {line!r}: expected an sbatch option (--...)")
         if self.rdzv_port is not None:
-            _require(0 < self.rdzv_port < 65536, f"launcher.rdzv_port={self.rdzv_port}: expected a TCP port")
+            require(0 < self.rdzv_port < 65536, f"launcher.rdzv_port={self.rdzv_port}: expected a TCP port")
 
     @property
     def procs_per_node(self) -> int:
@@ -190,5 +185,5 @@ Launcher = LocalLauncher | TorchrunLauncher | DeepSpeedLauncher | SlurmLauncher
 
 def launcher_from_dict(values: dict) -> Launcher:
     kind = values.get("kind", "local")
-    _require(kind in LAUNCHERS, f"launcher.kind={kind}: expected one of {', '.join(LAUNCHERS)}")
+    require(kind in LAUNCHERS, f"launcher.kind={kind}: expected one of {', '.join(LAUNCHERS)}")
     return from_dict(LAUNCHERS[kind], values, "launcher.")

@@ -19,8 +19,8 @@ import time
 from typing import IO
 
 from launch.commands import TRAIN_MODULE
+from common.net import free_port
 from launch.config import LocalLauncher
-from launch.rendezvous import free_port
 
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 GRACE_SECONDS = 30  # how long survivors of a failed rank get to exit before they are killed

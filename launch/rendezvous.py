@@ -5,13 +5,7 @@ from __future__ import annotations
 import socket
 import time
 
-from pretrain.config import ConfigError
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from common.typed_config import ConfigError
 
 
 def resolve(host: str, key: str) -> list[str]:

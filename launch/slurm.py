@@ -33,7 +33,7 @@ from pathlib import Path
 
 from launch.commands import TRAIN_MODULE
 from launch.config import SlurmLauncher
-from pretrain.config import ConfigError
+from common.typed_config import ConfigError
 
 SCRIPT_NAME = "job.sbatch"
 

@@ -4,9 +4,10 @@ megatron-core's recompute (`recompute_granularity`) goes through its own
 checkpoint function, which saves and restores CUDA RNG state and fails on CPU.
 Here `torch.utils.checkpoint` wraps the forward of existing modules in place,
 so the model's code and parameter names stay unchanged and pipeline stages
-(which hold the same megatron-core layers) are covered too:
+(which hold the same layers) are covered too. The model says which of its
+module types each mode recomputes; for the Llama model:
 
-- full: each `TransformerLayer` keeps only its input; everything inside is
+- full: each transformer layer keeps only its input; everything inside is
   recomputed during the backward pass.
 - selective: only the core attention (softmax(QK^T)V) is recomputed, the
   part whose activations grow with the square of the sequence when the
@@ -18,10 +19,7 @@ from __future__ import annotations
 import functools
 
 import torch
-from megatron.core.transformer.transformer_layer import TransformerLayer
 from torch.utils.checkpoint import checkpoint
-
-from pretrain.model.layers import SDPAttention
 
 
 def _checkpointed(forward):
@@ -36,11 +34,13 @@ def _checkpointed(forward):
     return run
 
 
-def apply_activation_checkpointing(model: torch.nn.Module, mode: str) -> int:
-    """Wraps the forward of every module that `mode` recomputes; returns how many."""
+def apply_activation_checkpointing(model: torch.nn.Module, mode: str,
+                                   recomputed: dict[str, type | tuple[type, ...]]) -> int:
+    """Wraps the forward of every module of the types `recomputed[mode]` ("full",
+    "selective"); returns how many. Mode "none" wraps nothing."""
     if mode == "none":
         return 0
-    kind = {"full": TransformerLayer, "selective": SDPAttention}[mode]
+    kind = recomputed[mode]
     wrapped = 0
     for module in model.modules():
         if isinstance(module, kind):

@@ -7,7 +7,9 @@ sets OMPI_COMM_WORLD_*. `detect()` reads whichever are present and refuses,
 in one line, a process whose sources disagree, before any rank blocks waiting
 for peers that will never come.
 
-Kept free of torch imports: `pretrain` calls it before the heavy imports.
+Every rank runs it, beside the process groups (`parallel.groups`); the launch
+commands use it to read a job's variables too. Kept free of torch imports:
+`pretrain` calls it before the heavy imports.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ import re
 from dataclasses import dataclass
 from typing import Mapping
 
+from common.errors import UserError
+
 DEFAULT_PORT = 29500
 
 
-class ClusterEnvError(RuntimeError):
+class ClusterEnvError(UserError, RuntimeError):
     """The launcher variables of this process are missing or contradict each other."""
 
 

@@ -1,9 +1,16 @@
-"""The DeepSpeed engine: its config generated from ours, and one optimizer step."""
+"""The DeepSpeed engine: its config generated from ours, and the wrapper the trainer drives.
+
+`Engine` is the only way the trainer and the checkpointer touch DeepSpeed:
+a step, an evaluation, the learning rate and loss scale, the skipped-update
+count, and the hook that writes checkpoint files in the background. What
+DeepSpeed keeps inside (its optimizer wrappers, its checkpoint engine) stays
+behind it.
+"""
 
 from __future__ import annotations
 
-import math
-from typing import Iterator
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import deepspeed
 import torch
@@ -11,16 +18,30 @@ from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
+from common.typed_config import ConfigError
+from parallel.config import ParallelConfig
 from parallel.groups import MegatronMPU
-from pretrain.training import optim
-from pretrain.config import Config, ConfigError
+from parallel.step import eval_loss, skip_nonfinite_updates, train_step
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the engine needs to know beyond the `parallel` section."""
+
+    micro_batch_size: int
+    global_batch_size: int
+    grad_clip: float
+    # Batches carry position ids and a document mask, which pipeline stages pass on.
+    has_attention_mask: bool = False
+    # Offloaded optimizer states in page-locked host memory (for copies to and from a GPU).
+    pin_memory: bool = False
 
 
 def precision_dtype(precision: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
 
-def clips_in_loop(cfg: Config) -> bool:
+def clips_in_loop(parallel: ParallelConfig) -> bool:
     """Whether the loop, not DeepSpeed, clips gradients.
 
     DeepSpeed's mixed-precision and ZeRO optimizers report the gradient norm
@@ -29,21 +50,20 @@ def clips_in_loop(cfg: Config) -> bool:
     and keep the norm for logging. The pipeline engine runs its whole step
     itself, so there DeepSpeed clips.
     """
-    p = cfg.parallel
-    return p.precision == "fp32" and p.zero_stage == 0 and p.pipeline == 1
+    return parallel.precision == "fp32" and parallel.zero_stage == 0 and parallel.pipeline == 1
 
 
-def deepspeed_config(cfg: Config, data_parallel: int) -> dict:
-    t, p = cfg.trainer, cfg.parallel
-    accumulation = t.global_batch_size // (t.micro_batch_size * data_parallel)
+def deepspeed_config(parallel: ParallelConfig, options: EngineOptions, data_parallel: int) -> dict:
+    p, o = parallel, options
+    accumulation = o.global_batch_size // (o.micro_batch_size * data_parallel)
     return {
-        "train_batch_size": t.global_batch_size,
-        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "train_batch_size": o.global_batch_size,
+        "train_micro_batch_size_per_gpu": o.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
-        "gradient_clipping": 0.0 if clips_in_loop(cfg) else cfg.optim.grad_clip,
+        "gradient_clipping": 0.0 if clips_in_loop(p) else o.grad_clip,
         "zero_optimization": {
             "stage": p.zero_stage,
-            **({"offload_optimizer": {"device": "cpu", "pin_memory": cfg.trainer.device != "cpu"}}
+            **({"offload_optimizer": {"device": "cpu", "pin_memory": o.pin_memory}}
                if p.offload_optimizer else {}),
         },
         "bf16": {"enabled": p.precision == "bf16"},
@@ -86,41 +106,26 @@ def check_precision_supported(precision: str, device: torch.device, zero_stage: 
                           ">= 1 (DeepSpeed applies the fp16 loss scale in backward only under ZeRO)")
 
 
-def build_optimizer(cfg: Config, model: torch.nn.Module, device: torch.device):
-    """torch's AdamW, or DeepSpeed's CPU Adam when ZeRO offloads the optimizer to host memory."""
-    if not cfg.parallel.offload_optimizer:
-        return optim.build_optimizer(model, cfg.optim, device)
-    from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-    o = cfg.optim
-    try:
-        return DeepSpeedCPUAdam(optim.parameter_groups(model, o.weight_decay), lr=o.lr,
-                                betas=(o.beta1, o.beta2), eps=o.eps, adamw_mode=True)
-    except Exception as err:  # the C++ op is compiled on first use and needs a working compiler
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise ConfigError(f"parallel.offload_optimizer=true: DeepSpeed's CPU Adam op could not be "
-                          f"built or loaded ({first}); expected a C++ compiler and ninja") from err
-
-
-def build_engine(cfg: Config, model, optimizer, scheduler_factory, data_parallel: int):
-    check_precision_supported(cfg.parallel.precision, next(model.parameters()).device, cfg.parallel.zero_stage)
+def build_engine(model, optimizer, scheduler_factory, parallel: ParallelConfig, options: EngineOptions,
+                 data_parallel: int):
+    """`deepspeed.initialize` for our config; returns DeepSpeed's engine (see `Engine` to drive it)."""
+    check_precision_supported(parallel.precision, next(model.parameters()).device, parallel.zero_stage)
     engine, _, _, _ = deepspeed.initialize(
         model=model,
         optimizer=optimizer,
         lr_scheduler=scheduler_factory,
-        config=deepspeed_config(cfg, data_parallel),
+        config=deepspeed_config(parallel, options, data_parallel),
         # The pipeline module brings its own grid of groups (same rank order).
         mpu=None if isinstance(model, PipelineModule) else MegatronMPU,
         dist_init_required=False,
     )
-    if isinstance(engine, PipelineEngine) and cfg.parallel.precision == "fp32" and cfg.parallel.zero_stage == 0:
+    if isinstance(engine, PipelineEngine) and parallel.precision == "fp32" and parallel.zero_stage == 0:
         keep_clipped_norm(engine)
-    d = cfg.data
-    if isinstance(engine, PipelineEngine) and (d.eod_mask_loss or d.reset_position_ids or d.reset_attention_mask):
+    if isinstance(engine, PipelineEngine) and options.has_attention_mask:
         # The stages pass on (hidden, position ids, attention mask): DeepSpeed sends the last
         # tensor as fp16 and back to bool (NCCL has no bool), and sends no gradient for it.
         engine.set_has_attention_mask(True)
-    if data_parallel == 1 and cfg.parallel.zero_stage == 0 and not isinstance(engine, PipelineEngine):
+    if data_parallel == 1 and parallel.zero_stage == 0 and not isinstance(engine, PipelineEngine):
         # With one data-parallel replica DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it over a group of one, divide it by 1 and copy it back, every step.
         engine.enable_backward_allreduce = False
@@ -142,83 +147,53 @@ def keep_clipped_norm(engine) -> None:
     engine.clip_fp32_gradients = clip
 
 
-def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return (batch["tokens"].to(device, non_blocking=True),
-            batch["labels"].to(device, non_blocking=True))
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches
+    grad_norm: float  # before clipping; nan when unknown
+    skipped: bool  # the update was refused (non-finite gradients, or an fp16 overflow)
 
 
-# Optional per-token inputs a batch may carry (the end-of-document options).
-_MODEL_EXTRAS = ("attention_mask", "position_ids")
+class Engine:
+    """A DeepSpeed engine (`deepspeed`) behind the calls a training loop makes.
 
-
-def _extras(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: batch[k].to(device, non_blocking=True) for k in _MODEL_EXTRAS if k in batch}
-
-
-def _loss_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
-    mask = batch.get("loss_mask")
-    return None if mask is None else mask.to(device, non_blocking=True)
-
-
-def _pipeline_micro_batch(batch: dict, device: torch.device) -> tuple:
-    """(inputs, labels) as DeepSpeed's pipeline engine takes them: the first stage gets the
-    inputs, the loss function the labels. With the end-of-document options the inputs are
-    (tokens, position ids, attention mask), passed from stage to stage, and the labels
-    (labels, loss mask)."""
-    tokens, labels = _to_device(batch, device)
-    if "loss_mask" not in batch:
-        return tokens, labels
-    extras = _extras(batch, device)
-    return (tokens, extras["position_ids"], extras["attention_mask"]), (labels, _loss_mask(batch, device))
-
-
-def train_step(
-    engine, batches: Iterator[dict], device: torch.device, clip: float = 0.0
-) -> tuple[torch.Tensor, float]:
-    """One optimizer step over gradient_accumulation_steps micro-batches.
-
-    Returns the mean loss and the gradient norm before clipping. `clip` > 0
-    clips here (see `clips_in_loop`); otherwise DeepSpeed clips.
+    With `loop_clip` > 0 the step clips gradients itself (see `clips_in_loop`)
+    and refuses an update whose gradient norm is not finite, as DeepSpeed's own
+    optimizers do on the other paths.
     """
-    steps = engine.gradient_accumulation_steps()
-    if isinstance(engine, PipelineEngine):
-        # Every stage draws the step's micro-batches, so all ranks' loaders
-        # stay in step; only the first and last stage use them.
-        micro_batches = [_pipeline_micro_batch(next(batches), device) for _ in range(steps)]
-        loss = engine.train_batch(data_iter=iter(micro_batches))
-        grad_norm = engine.get_global_grad_norm()
-        return loss.detach(), float(grad_norm if grad_norm is not None else float("nan"))
 
-    total = torch.zeros((), device=device)
-    grad_norm = None
-    for _ in range(steps):
-        batch = next(batches)
-        loss = engine(*_to_device(batch, device), **_extras(batch, device),
-                      loss_mask=_loss_mask(batch, device), reduction="mean")
-        engine.backward(loss)  # DeepSpeed divides by the accumulation steps
-        if clip > 0 and engine.is_gradient_accumulation_boundary():
-            grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
-            if hasattr(engine.optimizer, "overflow"):
-                # A non-finite norm skips the update, as DeepSpeed skips an fp16
-                # overflow (see pretrain.training.guard.skip_nonfinite_updates).
-                engine.optimizer.overflow = not math.isfinite(float(grad_norm))
-        engine.step()  # steps the optimizer only at the accumulation boundary
-        total += loss.detach()
-    if grad_norm is None:
-        grad_norm = engine.get_global_grad_norm()
-    return total / steps, float(grad_norm if grad_norm is not None else float("nan"))
+    def __init__(self, deepspeed_engine, device: torch.device, loop_clip: float = 0.0):
+        self.deepspeed = deepspeed_engine
+        self.device = device
+        self.loop_clip = loop_clip
+        if loop_clip:
+            skip_nonfinite_updates(deepspeed_engine.optimizer)
 
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.deepspeed.module
 
-@torch.no_grad()
-def eval_loss(engine, batches: list[dict], device: torch.device) -> torch.Tensor:
-    """Mean loss over `batches` (this rank's share), without updating anything."""
-    if isinstance(engine, PipelineEngine):
-        micro_batches = [_pipeline_micro_batch(b, device) for b in batches]
-        return engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
-    engine.eval()
-    total = torch.zeros((), device=device)
-    for batch in batches:
-        total += engine(*_to_device(batch, device), **_extras(batch, device),
-                        loss_mask=_loss_mask(batch, device), reduction="mean").float()
-    engine.train()
-    return total / len(batches)
+    def train_step(self, batches: Iterator[dict]) -> StepResult:
+        skipped_before = self.deepspeed.skipped_steps  # counted by DeepSpeed, once per refused update
+        loss, grad_norm = train_step(self.deepspeed, batches, self.device, self.loop_clip)
+        return StepResult(loss, grad_norm, self.deepspeed.skipped_steps > skipped_before)
+
+    def eval_loss(self, batches: list[dict]) -> torch.Tensor:
+        return eval_loss(self.deepspeed, batches, self.device)
+
+    def lr(self) -> float:
+        return self.deepspeed.get_lr()[0]
+
+    def loss_scale(self) -> dict[str, float]:
+        """fp16's dynamic loss scale; bf16 and fp32 have none, so nothing is reported for them."""
+        if not self.deepspeed.fp16_enabled():
+            return {}
+        scale = getattr(self.deepspeed.optimizer, "loss_scale", None)
+        return {} if scale is None else {"loss_scale": float(scale)}
+
+    def wrap_checkpoint_writes(self, wrap: Callable):
+        """Routes DeepSpeed's checkpoint file writes through `wrap(its checkpoint engine)`
+        (e.g. a background writer); returns the wrapper."""
+        wrapper = wrap(self.deepspeed.checkpoint_engine)
+        self.deepspeed.checkpoint_engine = wrapper
+        return wrapper

@@ -8,7 +8,6 @@ group on a free local port.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -16,6 +15,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from common.net import free_port
 from parallel.cluster_env import detect as detect_cluster
 
 
@@ -44,12 +44,6 @@ class Topology:
     @property
     def is_logging_rank(self) -> bool:
         return self.rank == 0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -107,6 +101,15 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Top
         data=world_size // (tensor * pipeline),
         device=device,
     )
+
+
+def data_parallel_mean(value: torch.Tensor, data_parallel: int) -> float:
+    """The mean of `value` over the data-parallel replicas (this rank's group), as a float."""
+    value = value.detach().float().clone()
+    if data_parallel > 1:
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
+        value /= data_parallel
+    return value.item()
 
 
 def destroy_process_groups() -> None:

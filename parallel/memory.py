@@ -4,18 +4,15 @@
 parameters, ZeRO-3 partitions, flat bit16 buffers, fp32 master copies, Adam
 moments, gradient partitions and buckets) and counts every storage once.
 `FirstStepMemory` runs it inside the first optimizer step, while gradients,
-master copies and moments all exist. `pretrain-plan` prints the prediction of
-`parallel.memory_plan` for a config without building anything.
+master copies and moments all exist; `parallel.memory_plan` predicts the same
+numbers without building anything.
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-
 import torch
 
-from parallel.memory_plan import RankMemory, plan_memory, predict_rank
+from parallel.memory_plan import RankMemory
 
 
 # --- measurement ----------------------------------------------------------------------------
@@ -151,96 +148,9 @@ class FirstStepMemory:
         return self._measured
 
 
-class MemoryReport:
-    """Logs, after the first step, each rank's measured bytes next to the plan's prediction.
-
-    A trainer callback: every rank measures its own engine; rank 0 prints one
-    line per rank.
-    """
-
-    def __init__(self, engine, cfg, world_size: int, vocab_size: int):
-        self.first_step = FirstStepMemory(engine)
-        self.cfg, self.world_size, self.vocab_size = cfg, world_size, vocab_size
-        self.reported: list[dict] | None = None
-
-    def on_train_start(self, trainer) -> None: ...
-
-    def on_train_end(self, trainer) -> None: ...
-
-    def on_step_end(self, trainer, metrics: dict) -> None:
-        if self.reported is not None:
-            return
-        measured = self.first_step.result()
-        if measured is None:
-            return
-        import torch.distributed as dist
-        from megatron.core import parallel_state as ps
-
-        pp_rank = ps.get_pipeline_model_parallel_rank()
-        mine = {"rank": dist.get_rank(), "tp": ps.get_tensor_model_parallel_rank(), "pp": pp_rank,
-                "dp": ps.get_data_parallel_rank(), "measured": measured,
-                "predicted": predict_rank(self.cfg, self.world_size, pp_rank, self.vocab_size)}
-        everyone: list = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine)
-        self.reported = everyone
-        trainer.print(format_ranks(everyone))
-
-
-def format_ranks(ranks: list[dict]) -> str:
-    lines = ["memory per rank, measured (predicted): parameters / gradients / optimizer states / offloaded"]
-    for r in ranks:
-        m, p = r["measured"], r["predicted"]
-        cells = "  ".join(f"{_size(getattr(m, k))} ({_size(getattr(p, k))})"
-                          for k in ("parameters", "gradients", "optimizer", "offloaded"))
-        lines.append(f"  rank {r['rank']:>3} (tp {r['tp']} pp {r['pp']} dp {r['dp']}): {cells}")
-    return "\n".join(lines)
-
-
-# --- the pretrain-plan command --------------------------------------------------------------
-
-def _size(nbytes: float) -> str:
+def format_bytes(nbytes: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(nbytes) < 1024 or unit == "TiB":
             return f"{nbytes:.1f} {unit}" if unit != "B" else f"{int(nbytes)} B"
         nbytes /= 1024
     raise AssertionError
-
-
-def format_plan(rows: list[tuple[str, int, RankMemory]]) -> str:
-    header = f"{'rank kind':<28}{'ranks':>6}{'parameters':>13}{'gradients':>13}{'optimizer':>13}" \
-             f"{'offloaded':>13}{'device total':>15}"
-    lines = [header, "-" * len(header)]
-    for kind, count, m in rows:
-        lines.append(f"{kind:<28}{count:>6}{_size(m.parameters):>13}{_size(m.gradients):>13}"
-                     f"{_size(m.optimizer):>13}{_size(m.offloaded):>13}{_size(m.device_total):>15}")
-    return "\n".join(lines)
-
-
-def cli(argv: list[str] | None = None) -> None:
-    from pretrain.config import ConfigError
-    from pretrain.main import compose_config, fail
-
-    parser = argparse.ArgumentParser(
-        prog="pretrain-plan",
-        description="Bytes of parameters, gradients and optimizer states per rank, predicted "
-                    "for a config without allocating anything. Takes the same overrides as pretrain.",
-    )
-    parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_8b parallel.tensor=8")
-    parser.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")
-    args = parser.parse_args(argv)
-    if args.world_size < 1:
-        fail(f"--world-size={args.world_size}: expected >= 1")
-    cfg = compose_config(args.overrides)
-    try:
-        rows = plan_memory(cfg, args.world_size)
-    except ConfigError as err:
-        fail(str(err))
-    p = cfg.parallel
-    print(f"{cfg.model.name}: {args.world_size} ranks = tensor {p.tensor} x pipeline {p.pipeline} x "
-          f"data {args.world_size // (p.tensor * p.pipeline)}, ZeRO-{p.zero_stage}, {p.precision}"
-          + (", optimizer offloaded to CPU" if p.offload_optimizer else ""))
-    print(format_plan(rows))
-
-
-if __name__ == "__main__":
-    cli(sys.argv[1:])

@@ -1,169 +1,30 @@
-"""The model as a DeepSpeed pipeline: embedding, transformer layers, head.
+"""Pipeline parallelism through DeepSpeed's `PipelineModule` and its 1F1B engine.
 
-megatron-core's own pipeline schedules assume CUDA, so pipeline parallelism
-runs through DeepSpeed's `PipelineModule` and its 1F1B engine. Each stage is
-built from the same megatron-core pieces as `pretrain.model.llama.LlamaModel`, and
-initialised under the single-process parameter names, so any partition
-starts from the same weights.
-
-With tied embeddings the embedding stage is a DeepSpeed `TiedLayerSpec`
-used twice: as the embedding on the first stage and, through
-`tied_output_logits`, as the output projection on the last. Each of the two
-stages holds a copy of the weight; DeepSpeed broadcasts it from the first
-stage at start-up and after loading, and all-reduces its gradient between
-the two before every update, so the copies stay equal.
+megatron-core's own pipeline schedules assume CUDA, so a model that wants to
+be cut into stages hands its pieces here as DeepSpeed `LayerSpec`s (the
+Llama model's are in `pretrain.model.pipeline_stages`). The topology uses
+megatron-core's rank order (tensor fastest, then data, then pipeline).
 """
 
 from __future__ import annotations
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.transformer_config import TransformerConfig
-
-from pretrain.config import ModelConfig
-from pretrain.model.init import initialize_local
-from parallel.sequence import scatter_to_sequence_parallel_region, sequence_parallel_linear
-from pretrain.model.layers import ColumnParallelLinear, RMSNorm, RotaryTables
-from pretrain.model.llama import layer_spec, masked_mean
+from megatron.core import parallel_state
 
 
-class EmbeddingStage(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int):
-        super().__init__()
-        self.sequence_parallel = config.sequence_parallel
-        self.embedding = tensor_parallel.VocabParallelEmbedding(
-            padded_vocab, cfg.hidden_size, init_method=config.init_method, config=config
-        )
-        initialize_local([("embedding.weight", self.embedding.weight)], cfg, seed)
-
-    def forward(self, inputs):
-        """Token ids [b, s], or (token ids, position ids, attention mask) with the
-        end-of-document options, whose two extras are passed on to the layers."""
-        tokens, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
-        hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
-        if self.sequence_parallel:
-            hidden = scatter_to_sequence_parallel_region(
-                hidden, parallel_state.get_tensor_model_parallel_group())
-        return (hidden, *extras) if extras else hidden
-
-
-class TransformerLayerStage(torch.nn.Module):
-    """One megatron-core `TransformerLayer` taking and returning the hidden states."""
-
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, index: int, seed: int):
-        super().__init__()
-        self.layer = build_module(layer_spec(), config=config, layer_number=index + 1)
-        named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
-        initialize_local(named, cfg, seed)
-        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base)
-
-    def forward(self, inputs):
-        """Hidden states [s, b, h], or (hidden states, position ids [b, s], attention
-        mask [b, 1, s, s]) as `LlamaModel` takes them; returns the same form."""
-        hidden, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
-        seq = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
-                                 if self.layer.config.sequence_parallel else 1)
-        position_ids, attention_mask = extras if extras else (None, None)
-        rotary = self.rotary(seq, hidden.device, position_ids)
-        output, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
-        return (output, *extras) if extras else output
-
-
-class HeadStage(torch.nn.Module):
-    """Final norm and the vocabulary-parallel output layer; returns logit shards [s, b, v/tp].
-
-    With tied embeddings it holds the final norm only and returns the normed
-    hidden states: the projection follows as the tied embedding's head use.
-    """
-
-    def __init__(self, cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int):
-        super().__init__()
-        self.final_layernorm = RMSNorm(config, cfg.hidden_size, eps=cfg.norm_eps)
-        self.tied = cfg.tie_embeddings
-        # Tied, the output layer holds no weight, as in the one-process model, and
-        # is kept so that checkpoints carry the same entries (its extra state).
-        self.output_layer = ColumnParallelLinear(
-            cfg.hidden_size, padded_vocab, config=config, init_method=config.init_method,
-            bias=False, gather_output=False, skip_weight_param_allocation=self.tied,
-        )
-        named = [("decoder.final_layernorm.weight", self.final_layernorm.weight)]
-        if not self.tied:
-            named.append(("output_layer.weight", self.output_layer.weight))
-        initialize_local(named, cfg, seed)
-
-    def forward(self, inputs) -> torch.Tensor:
-        hidden = inputs[0] if isinstance(inputs, tuple) else inputs  # the extras end here
-        hidden = self.final_layernorm(hidden)
-        if self.tied:
-            return hidden
-        logits, _ = self.output_layer(hidden)
-        return logits
-
-
-def tied_output_logits(stage: EmbeddingStage, hidden: torch.Tensor) -> torch.Tensor:
-    """The output layer's computation with the embedding's vocabulary shard as its weight.
-
-    As in the untied column-parallel head, the input enters the tensor-parallel
-    region (copied, or gathered from sequence slices) and each rank multiplies
-    by its own vocabulary rows, giving logit shards [s, b, v/tp].
-    """
-    group = parallel_state.get_tensor_model_parallel_group()
-    weight = stage.embedding.weight
-    if stage.sequence_parallel:
-        return sequence_parallel_linear(hidden, weight, None, group)
-    if parallel_state.get_tensor_model_parallel_world_size() > 1:
-        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group)
-    return torch.matmul(hidden, weight.t())
-
-
-def vocab_parallel_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    """Mean loss over the tokens; `labels` is ids [b, s] or (ids, loss mask [b, s])."""
-    labels, loss_mask = labels if isinstance(labels, tuple) else (labels, None)
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(
-        logits.float(), labels.transpose(0, 1).contiguous()
-    )
-    return masked_mean(per_token.transpose(0, 1), loss_mask)
-
-
-def build_pipeline(
-    cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int,
-    stages: int, tensor: int, data: int, partition: str = "uniform",
-) -> PipelineModule:
-    specs = [embedding_spec(cfg, config, padded_vocab, seed)]
-    specs += [LayerSpec(TransformerLayerStage, cfg, config, i, seed) for i in range(cfg.num_layers)]
-    specs.append(LayerSpec(HeadStage, cfg, config, padded_vocab, seed))
-    if cfg.tie_embeddings:
-        specs.append(embedding_spec(cfg, config, padded_vocab, seed, forward_fn=tied_output_logits))
+def pipeline_module(specs: list, loss_fn, stages: int, tensor: int, data: int,
+                    partition_method: str) -> PipelineModule:
+    """This rank's stage of the pipeline of `specs`, cut by DeepSpeed's `partition_method`."""
     module = PipelineModule(
         layers=specs,
         topology=PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data),
-        loss_fn=vocab_parallel_loss,
-        # "uniform" balances transformer layers; "parameters" balances parameter counts.
-        partition_method="type:TransformerLayerStage" if partition == "uniform" else "parameters",
+        loss_fn=loss_fn,
+        partition_method=partition_method,
     )
     count_replicated_weights_once(module)
     return module
-
-
-# The key of the tied embedding: its parameters are named `tied_modules.embedding.embedding.*`.
-TIED_EMBEDDING = "embedding"
-
-
-def embedding_spec(cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int,
-                   forward_fn=None) -> LayerSpec:
-    """The embedding stage; tied, one module serves both ends (`forward_fn` gives the head use).
-
-    The first stage's tied module is still pipeline layer 0 in checkpoints,
-    saved as `layer_00-*` with the untied names; the head use has no state of
-    its own and is not saved (DeepSpeed fills it from layer 0 on loading).
-    """
-    if not cfg.tie_embeddings:
-        return LayerSpec(EmbeddingStage, cfg, config, padded_vocab, seed)
-    return TiedLayerSpec(TIED_EMBEDDING, EmbeddingStage, cfg, config, padded_vocab, seed,
-                         forward_fn=forward_fn, tied_weight_attr=["embedding.weight"])
 
 
 def count_replicated_weights_once(module: torch.nn.Module) -> None:

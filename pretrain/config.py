@@ -40,6 +40,10 @@ class OptimConfig:
         require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps}: expected >= 0")
 
 
+CALLBACK_NAMES = ("evaluation", "progress", "checkpointing", "memory_report")
+DEFAULT_CALLBACKS = CALLBACK_NAMES
+
+
 @dataclass
 class TrainerConfig:
     run_dir: str = "runs/default"
@@ -75,6 +79,9 @@ class TrainerConfig:
     # directory or a .safetensors file, e.g. from pretrain-export) instead of
     # the seed's; the optimizer starts fresh at step 0. Ignored when resuming.
     init_from: str | None = None
+    # The callbacks run around every step, by name, in this order (`training.build.CALLBACKS`).
+    # Metrics sinks (metrics.jsonl and `logger.kind`) are always added on the logging rank.
+    callbacks: list[str] = field(default_factory=lambda: list(DEFAULT_CALLBACKS))
 
     def __post_init__(self) -> None:
         require(self.init_from is None or self.init_from.strip() != "",
@@ -85,6 +92,9 @@ class TrainerConfig:
         for key in ("eval_interval", "checkpoint_interval", "checkpoint_minutes", "keep_last_checkpoints",
                     "keep_every_steps", "max_bad_steps"):
             require(getattr(self, key) >= 0, f"trainer.{key}={getattr(self, key)}: expected >= 0")
+        for i, name in enumerate(self.callbacks):
+            require(name in CALLBACK_NAMES,
+                    f"trainer.callbacks[{i}]={name!r}: expected one of {', '.join(CALLBACK_NAMES)}")
 
 
 @dataclass

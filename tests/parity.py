@@ -84,7 +84,7 @@ class LossRecorder:
 def train_layout(run_dir: str, **layout) -> dict:
     """Per-step losses, and the step after a checkpoint round trip, for one layout."""
     from parallel.memory_plan import predict_rank
-    from pretrain.checkpoint.files import files as checkpoint
+    from pretrain.checkpoint import files as checkpoint
 
     trainer = layout_trainer(run_dir, **layout)
     cfg, topology = trainer.cfg, trainer.topology

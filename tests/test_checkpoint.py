@@ -12,7 +12,7 @@ import torch
 from checkpointing import make_trainer, train
 from parity import layout_config
 
-from pretrain.checkpoint.files import files as checkpoint
+from pretrain.checkpoint import files as checkpoint
 
 
 @pytest.fixture(autouse=True)

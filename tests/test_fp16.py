@@ -124,7 +124,7 @@ def overflow_run(run_dir: Path, layout: dict) -> dict:
 
 def resume_run(root: Path, layout: dict) -> dict:
     """RESUME_STEPS straight, and SAVE_AT steps + checkpoint + a fresh engine loaded from it."""
-    from pretrain.checkpoint.files import files as checkpoint
+    from pretrain.checkpoint import files as checkpoint
 
     straight = fp16_trainer(root / "straight", layout, RESUME)
     straight_steps = train(straight, RESUME_STEPS).steps

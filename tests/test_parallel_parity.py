@@ -260,7 +260,7 @@ def test_tied_pipeline_checkpoint_consolidates_to_the_single_process_model(tied_
 def test_tied_pipeline_checkpoint_resumes_in_one_process(tied_reference, two_ranks, tmp_path):
     # Resharded from PP=2 to one process: the next step equals the one the PP=2 run took.
     from parity import resumed_step
-    from pretrain.checkpoint.files import files as checkpoint
+    from pretrain.checkpoint import files as checkpoint
 
     source = ROOTS["two"] / "pp2_tied"
     loss = resumed_step(str(tmp_path / "resumed"), str(checkpoint.latest_checkpoint(str(source))), tie=True)

@@ -68,7 +68,7 @@ def train_sources(root: str, sources: dict) -> dict:
 
 def resume(root: str, plans: dict) -> dict:
     """Resumes source checkpoints under new layouts: {plan: (source, layout)} -> next losses."""
-    from pretrain.checkpoint.files import files as checkpoint
+    from pretrain.checkpoint import files as checkpoint
 
     results = {}
     for plan, (source, layout) in plans.items():
@@ -168,7 +168,7 @@ def test_moments_matter(sources, single_process_groups, tmp_path):
     """Weights alone are not a resume: with fresh Adam moments step 4 differs."""
     import torch
 
-    from pretrain.checkpoint.files import files as checkpoint, reshard
+    from pretrain.checkpoint import files as checkpoint, reshard
 
     root, runs = sources
     source = Path(root) / "dp2_zero1" / checkpoint.CHECKPOINTS / checkpoint.tag_for(SAVED_AT)
@@ -193,7 +193,7 @@ def test_moments_matter(sources, single_process_groups, tmp_path):
 def test_unsupported_source_is_one_line(sources, single_process_groups, tmp_path):
     import shutil
 
-    from pretrain.checkpoint.files import files as checkpoint, reshard
+    from pretrain.checkpoint import files as checkpoint, reshard
 
     root, _ = sources
     source = Path(root) / "dp2_zero1" / checkpoint.CHECKPOINTS / checkpoint.tag_for(SAVED_AT)

@@ -178,7 +178,7 @@ def two_rank_resumes(root: str) -> dict:
 
     from checkpointing import make_trainer, train, weights
     from parallel.groups import init_process_groups
-    from pretrain.checkpoint.files import files as checkpoint
+    from pretrain.checkpoint import files as checkpoint
 
     topology = init_process_groups(1, 1, torch.device("cpu"))
     straight = train(make_trainer(topology, Path(root) / "straight", zero=1), 6)

@@ -1,7 +1,7 @@
 """Asynchronous checkpoints (`trainer.async_checkpoint=true`): the step stalls only for a copy.
 
 DeepSpeed writes a checkpoint through its engine's `checkpoint_engine.save(state,
-path)`. `BackgroundWriter` takes that place: `save` copies the state into CPU
+path)`. `BackgroundWriter` takes that place (`parallel.engine.Engine.wrap_checkpoint_writes`): `save` copies the state into CPU
 memory and returns, and a thread writes the copies and fsyncs them while
 training goes on. DeepSpeed's own collectives (barriers, tag check) still run
 in the training thread, in the same order on every rank.
@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import copy
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from pretrain.checkpoint.files import fsync_tree
 
 
 def snapshot(value):
@@ -53,8 +54,6 @@ class BackgroundWriter:
 
     def start(self, directory: Path) -> None:
         """Writes what was queued, then flushes `directory` to disk, in a thread."""
-        from pretrain.checkpoint.files import fsync_tree
-
         jobs, self.queued = self.queued, []
 
         def write() -> None:
@@ -78,30 +77,3 @@ class BackgroundWriter:
         if self.error is not None:
             error, self.error = self.error, None
             raise RuntimeError(f"writing a checkpoint failed: {error}") from error
-
-
-def install(engine) -> BackgroundWriter:
-    writer = BackgroundWriter(engine.checkpoint_engine)
-    engine.checkpoint_engine = writer
-    return writer
-
-
-@dataclass
-class PendingSave:
-    """A checkpoint whose files are being written; `commit` once every rank is done."""
-
-    staging: Path
-    final: Path
-    facts: dict  # for the manifest
-    run_dir: str
-    keep_last: int
-    keep_every: int
-    rank: int
-
-    def commit(self) -> Path:
-        from pretrain.checkpoint.files import files as checkpoint
-
-        if self.rank == 0:
-            checkpoint.publish(self.run_dir, self.staging, self.final, self.facts, self.keep_last,
-                               self.keep_every)
-        return self.final

@@ -20,13 +20,15 @@ import torch
 from data_pipeline.tokenizer import Tokenizer
 from parallel import sharding
 from parallel.engine_state import canonical_name
-from pretrain.config import ConfigError, ModelConfig, from_dict
+from common.errors import UserError
+from common.typed_config import ConfigError, from_dict
+from pretrain.model.config import ModelConfig
 
 MODEL_FILE = re.compile(r"mp_rank_(\d+)_model_states\.pt")
 LAYER_FILE = re.compile(r"layer_(\d+)-model_(\d+)-model_states\.pt")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint is missing or unusable; the message names the path."""
 
 

@@ -1,12 +1,13 @@
-"""Checkpoint contents, atomic commits, retention and the run directory's rules.
+"""The checkpoint format on disk: names, manifests, atomic commits, retention, run-directory files.
 
 A checkpoint `checkpoints/step_NNNNNNN/` holds the DeepSpeed engine state of
 every rank (its client state carries the trainer and loader state, the config,
 the tokenizer hash and the W&B run id), one RNG-state file per rank, a copy of
 the tokenizer model and of the W&B run id, and a `COMPLETE` manifest.
 
-A save writes everything into `step_NNNNNNN.partial/`; once every rank has
-written and fsynced its files, rank 0 writes the manifest (the size of every
+A save (`checkpointer.Checkpointer`) writes everything into
+`step_NNNNNNN.partial/`; once every rank has written and fsynced its files,
+rank 0 writes the manifest (the size of every
 file), renames the directory into place and moves the `latest` pointer. Only
 directories with a manifest are ever resumed from, so a save killed half way
 leaves the previous checkpoint in charge; the next successful save removes
@@ -17,15 +18,14 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
+
+from common.errors import UserError
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # the tag of the newest complete checkpoint, for tools that read a pointer
@@ -37,17 +37,12 @@ WANDB_ID_FILE = "wandb_run_id"
 STEP_DIR = re.compile(r"step_(\d+)")
 LEFTOVER_DIR = re.compile(r"step_\d+(\.partial|\.replaced)?")
 
-# The exit status of a run stopped by SIGTERM after saving a checkpoint:
-# sysexits.h's EX_TEMPFAIL, "temporary failure, the user is invited to retry".
-# A scheduler or job script that sees it requeues the job; the rerun resumes.
-EXIT_PREEMPTED = 75
-
 # Model settings a checkpoint's weights are shaped by; a resume must match them.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "tie_embeddings")
 
 
-class RunDirError(RuntimeError):
+class RunDirError(UserError, RuntimeError):
     """A run directory or checkpoint cannot be used; the message names the path."""
 
 
@@ -140,55 +135,7 @@ def resolve_resume(run_dir: str, resume: str, model=None) -> Path | None:
     return path
 
 
-# --- RNG states -----------------------------------------------------------------------------
-
-def capture_rng_state() -> dict:
-    """This process's random streams: Python, NumPy, torch (CPU, CUDA) and megatron-core's
-    model-parallel stream, which differs per tensor-parallel rank."""
-    from megatron.core.tensor_parallel import random as megatron_random
-
-    tracker = megatron_random.get_cuda_rng_tracker()
-    return {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        "model_parallel": tracker.get_states() if tracker.is_initialized() else None,
-    }
-
-
-def restore_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel import random as megatron_random
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if state.get("model_parallel") is not None:
-        megatron_random.get_cuda_rng_tracker().set_states(state["model_parallel"])
-
-
-def load_rng_state(path: Path, rank: int, world_size: int) -> dict | None:
-    """This rank's saved streams; None when the checkpoint was written by another number of
-    ranks (a resume into a new layout), where rank r's streams are not this rank's."""
-    manifest = json.loads((path / COMPLETE).read_text()) if (path / COMPLETE).is_file() else {}
-    file = path / rng_file(rank)
-    if manifest.get("world_size") != world_size or not file.is_file():
-        return None
-    return torch.load(file, map_location="cpu", weights_only=False)
-
-
 # --- saving ---------------------------------------------------------------------------------
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
 
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -216,47 +163,6 @@ def write_atomic(target: Path, data: bytes) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, target)
     fsync_path(target.parent)
-
-
-def save(engine, run_dir: str, step: int, client_state: dict, *, files: dict[str, bytes] | None = None,
-         model: dict | None = None, world_size: int = 1, keep_last: int = 0, keep_every: int = 0,
-         before_commit=None, writer=None):
-    """Writes the checkpoint of `step` on every rank and commits it; returns its path.
-
-    `files` are extra small files rank 0 puts beside the engine state; `model`
-    (the model config) goes into the manifest; `before_commit` is called once
-    every rank's files are on disk and before the manifest is written. With a
-    `writer` (an `async_save.BackgroundWriter` installed on the engine) the files
-    are written in the background and a `PendingSave` to commit later is returned.
-    """
-    root = checkpoint_root(run_dir)
-    final, staging = root / tag_for(step), root / (tag_for(step) + PARTIAL)
-    rank = _rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(staging, ignore_errors=True)  # an earlier save of this step that died
-    _barrier()
-    # We own the pointer: DeepSpeed's would name a checkpoint before it is complete.
-    engine.save_checkpoint(str(root), tag=staging.name, client_state=client_state, save_latest=False)
-    (writer.save if writer is not None else torch.save)(capture_rng_state(), staging / rng_file(rank))
-    if rank == 0:
-        for name, data in (files or {}).items():
-            (staging / name).write_bytes(data)
-    facts = {"step": step, "world_size": world_size, "model": model}
-    if writer is not None:
-        from pretrain.checkpoint.background_writer import PendingSave
-
-        writer.start(staging)
-        return PendingSave(staging, final, facts, run_dir, keep_last, keep_every, rank)
-    if before_commit is not None:
-        before_commit()
-    _barrier()  # every rank has written
-    fsync_tree(staging)
-    _barrier()  # every rank's files are on disk
-    if rank == 0:
-        publish(run_dir, staging, final, facts, keep_last, keep_every)
-    _barrier()
-    return final
 
 
 def publish(run_dir: str, staging: Path, final: Path, facts: dict, keep_last: int, keep_every: int) -> None:
@@ -323,6 +229,12 @@ def load(engine, path: Path) -> dict:
     if loaded is None:
         raise RunDirError(f"{path}: DeepSpeed could not load this checkpoint")
     return client_state
+
+
+def wandb_run_id(run_dir: str) -> str | None:
+    """The W&B run id kept in the run directory (written by the W&B sink), if any."""
+    id_file = Path(run_dir) / WANDB_ID_FILE
+    return id_file.read_text().strip() if id_file.is_file() else None
 
 
 def restore_run_files(path: Path, run_dir: str) -> None:

@@ -30,6 +30,7 @@ import torch
 from parallel import sharding
 from parallel.engine_state import MOMENTS, canonical_name
 from pretrain.checkpoint.consolidate import CheckpointError, LAYER_FILE, _first_states, _load
+from pretrain.checkpoint.files import RunDirError
 
 
 @dataclass(frozen=True)
@@ -249,45 +250,40 @@ _DS_KEYS = re.compile(r"module|optimizer|lr_scheduler|.*_shapes|shared_params|fr
                       r"checkpoint_parallel_dimensions")
 
 
-def layout_changed(trainer, path: Path) -> Layout | None:
-    """The checkpoint's layout when it differs from the trainer's, else None."""
-    from pretrain.checkpoint.files import RunDirError
-
+def layout_changed(current: Layout, path: Path) -> Layout | None:
+    """The checkpoint's layout when it differs from `current`, else None."""
     try:
         saved = saved_layout(read_first_states(path), path)
     except CheckpointError as err:
         raise RunDirError(str(err)) from None
-    t, p = trainer.topology, trainer.cfg.parallel
-    current = Layout(t.tensor, t.pipeline, t.data, p.zero_stage, p.precision)
     return saved if saved != current else None
 
 
-def load_resharded(trainer, path: Path) -> dict:
-    """Loads checkpoint `path` of another layout into `trainer.engine`; returns its client state."""
+def load_resharded(engine, path: Path, current: Layout, num_layers: int, say=print) -> dict:
+    """Loads checkpoint `path` of another layout into DeepSpeed `engine` (trained in layout
+    `current`); returns its client state."""
+    from megatron.core import parallel_state
+
     from parallel.engine_state import canonical_parameters, set_learning_rate_state, write_state
 
-    from pretrain.checkpoint.files import RunDirError
-
-    t, p = trainer.topology, trainer.cfg.parallel
-    if p.zero_stage == 3 or p.precision == "fp16":
+    if current.zero_stage == 3 or current.precision == "fp16":
         raise RunDirError(f"{path}: written with {saved_layout(read_first_states(path), path)}; resuming it "
-                          f"with ZeRO stage {p.zero_stage} {p.precision} is not supported (a layout change "
-                          "needs ZeRO stage 0-2 and fp32 or bf16)")
+                          f"with ZeRO stage {current.zero_stage} {current.precision} is not supported (a layout "
+                          "change needs ZeRO stage 0-2 and fp32 or bf16)")
     try:
-        state = read_training_state(path, trainer.cfg.model.num_layers)
+        state = read_training_state(path, num_layers)
     except CheckpointError as err:
         raise RunDirError(str(err)) from None
-    current = Layout(t.tensor, t.pipeline, t.data, p.zero_stage, p.precision)
-    trainer.print(f"{path.name} was written with {saved_layout(state.first, path)}; resharding its weights "
-                  f"and Adam moments (step {state.step}) to {current}")
-    named = canonical_parameters(trainer.engine.module, trainer.cfg.model.num_layers)
+    say(f"{path.name} was written with {saved_layout(state.first, path)}; resharding its weights "
+        f"and Adam moments (step {state.step}) to {current}")
+    named = canonical_parameters(engine.module, num_layers)
     missing = sorted({n for n, _ in named} - set(state.weights))
     if missing:
         raise RunDirError(f"{path}: no weight {missing[0]} for the model being resumed")
-    write_state(trainer.engine, named, state.weights.__getitem__,
-                lambda name, key: state.moments[key][name], state.step, t.tp_rank, t.tensor)
-    set_learning_rate_state(trainer.engine, state.first.get("lr_scheduler"))
+    write_state(engine, named, state.weights.__getitem__, lambda name, key: state.moments[key][name], state.step,
+                parallel_state.get_tensor_model_parallel_rank(), current.tensor)
+    set_learning_rate_state(engine, state.first.get("lr_scheduler"))
     for counter in ("global_steps", "global_samples", "skipped_steps"):
         if counter in state.first:
-            setattr(trainer.engine, counter, state.first[counter])
+            setattr(engine, counter, state.first[counter])
     return {k: v for k, v in state.first.items() if not _DS_KEYS.fullmatch(k)}

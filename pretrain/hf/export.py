@@ -25,17 +25,18 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
-EXIT_BAD_INPUT = 2
+from common import errors
+
 CONSOLIDATED = "consolidated.safetensors"
 HF_WEIGHTS = "model.safetensors"
 
 
-def fail(message: str) -> None:
-    print(f"pretrain-export: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+def fail(message: str) -> NoReturn:
+    errors.fail("pretrain-export", message)
 
 
 def _tokenizer_files(tokenizer, max_seq_len: int) -> dict[str, dict]:

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ModelConfig
+from common.errors import UserError
+from pretrain.model.config import ModelConfig
 
 LAYER = "decoder.layers.{i}."
 HF_LAYER = "model.layers.{i}."
@@ -32,7 +33,7 @@ _MODEL_RENAMES = (
 )
 
 
-class FormatError(ValueError):
+class FormatError(UserError, ValueError):
     """Weights that do not fit the model config; the message names the weight."""
 
 

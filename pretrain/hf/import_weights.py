@@ -15,7 +15,10 @@ from pathlib import Path
 
 import torch
 
-from pretrain.config import ConfigError, ModelConfig
+from common.typed_config import ConfigError
+from data_pipeline.tokenizer import Tokenizer
+from parallel.config import ParallelConfig
+from pretrain.model.config import ModelConfig
 from pretrain.hf.format import FormatError, check_weights, config_mismatch, from_hf
 
 KEY = "trainer.init_from"
@@ -80,10 +83,9 @@ def read_weights(source: str, cfg: ModelConfig) -> dict[str, torch.Tensor]:
         raise ConfigError(str(err)) from None
 
 
-def check_tokenizer(source: str, trainer) -> None:
+def check_tokenizer(source: str, tokenizer: Tokenizer | None) -> None:
     """Refuses a run whose tokenizer differs from the one saved beside the weights."""
     saved = Path(source) / "tokenizer.model" if Path(source).is_dir() else None
-    tokenizer = trainer.data.tokenizer
     if saved is None or not saved.is_file() or tokenizer is None:
         return
     if saved.read_bytes() != tokenizer.model_bytes:
@@ -91,21 +93,23 @@ def check_tokenizer(source: str, trainer) -> None:
                           f"({tokenizer.path}); set data.tokenizer.model={saved}")
 
 
-def init_from(trainer, source: str) -> None:
-    """Loads `source` into `trainer`'s model (any layout); the optimizer state stays fresh."""
+def init_from(engine, source: str, cfg: ModelConfig, parallel: ParallelConfig, tokenizer: Tokenizer | None,
+              vocab_size: int, say=print) -> None:
+    """Loads `source` into DeepSpeed `engine`'s model (any layout); the optimizer state stays
+    fresh. `tokenizer` and its `vocab_size` are the run's."""
+    from megatron.core import parallel_state
+
     from parallel.engine_state import canonical_parameters, write_state
 
-    cfg, parallel = trainer.cfg.model, trainer.cfg.parallel
     if parallel.zero_stage == 3 or parallel.precision == "fp16":
         raise ConfigError(f"{KEY}={source} with parallel.zero_stage={parallel.zero_stage}, "
                           f"parallel.precision={parallel.precision}: expected ZeRO stage 0-2 and fp32 or bf16")
-    check_tokenizer(source, trainer)
+    check_tokenizer(source, tokenizer)
     weights = read_weights(source, cfg)
     rows = weights["embedding.weight"].shape[0]
-    if rows < trainer.data.vocab_size:
-        raise ConfigError(f"{KEY}={source}: {rows} embedding rows for a tokenizer of "
-                          f"{trainer.data.vocab_size} pieces")
-    named = canonical_parameters(trainer.engine.module, cfg.num_layers)
-    write_state(trainer.engine, named, weights.__getitem__, None, 0,
-                trainer.topology.tp_rank, trainer.topology.tensor)
-    trainer.print(f"initialised {len(weights)} weights from {source}")
+    if rows < vocab_size:
+        raise ConfigError(f"{KEY}={source}: {rows} embedding rows for a tokenizer of {vocab_size} pieces")
+    named = canonical_parameters(engine.module, cfg.num_layers)
+    write_state(engine, named, weights.__getitem__, None, 0,
+                parallel_state.get_tensor_model_parallel_rank(), parallel.tensor)
+    say(f"initialised {len(weights)} weights from {source}")

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pretrain.config import ModelConfig
+from pretrain.model.config import ModelConfig
+from pretrain.model.rotary import rotary_frequencies, rotate
 
 
 @dataclass
@@ -72,18 +73,12 @@ class Decoder:
     def angles(self, start: int, stop: int) -> torch.Tensor:
         """Rotary angles [stop - start, head_dim] for positions start..stop-1.
 
-        The same angles as `pretrain.model.layers.rotary_frequencies` (both halves of
-        the head dimension rotate together, megatron-core's non-interleaved
-        layout), grown on demand.
+        The training model's angles (`pretrain.model.rotary.rotary_frequencies`),
+        grown on demand.
         """
         if stop > self._rotary.shape[0]:
-            d = self.cfg.head_dim
-            inv_freq = 1.0 / (self.cfg.rotary_base ** (
-                torch.arange(0, d, 2, dtype=torch.float32, device=self.device) / d))
-            positions = torch.arange(max(stop, 2 * self._rotary.shape[0]), dtype=torch.float32,
-                                     device=self.device)
-            angles = torch.outer(positions, inv_freq)
-            self._rotary = torch.cat((angles, angles), dim=-1)
+            length = max(stop, 2 * self._rotary.shape[0])
+            self._rotary = rotary_frequencies(length, self.cfg.head_dim, self.cfg.rotary_base, self.device)[:, 0, 0]
         return self._rotary[start:stop]
 
     @torch.no_grad()
@@ -136,9 +131,3 @@ class Decoder:
         return x @ self.output.T
 
     __call__ = forward
-
-
-def rotate(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, rotate-half form (megatron-core's `apply_rotary_pos_emb`, not interleaved)."""
-    first, second = t.chunk(2, dim=-1)
-    return t * cos + torch.cat((-second, first), dim=-1) * sin

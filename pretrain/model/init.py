@@ -16,7 +16,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 
 from parallel import sharding
-from pretrain.config import ModelConfig
+from pretrain.model.config import ModelConfig
 
 
 def _generator(seed: int, name: str) -> torch.Generator:

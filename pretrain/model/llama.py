@@ -25,23 +25,16 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from pretrain.config import ModelConfig
-from pretrain.model.init import initialize_local
-from parallel.sequence import scatter_to_sequence_parallel_region
 from parallel.output_loss import token_weights
-from pretrain.model.layers import (
-    ColumnParallelLinear,
-    OutputLayer,
-    RMSNorm,
-    RotaryTables,
-    RowParallelLinear,
-    SDPAttention,
-    apply_rotary_tables,
-)
+from parallel.sequence import scatter_to_sequence_parallel_region
+from pretrain.model.config import ModelConfig
+from pretrain.model.init import initialize_local
+from pretrain.model.layers import ColumnParallelLinear, OutputLayer, RMSNorm, RowParallelLinear, SDPAttention
+from pretrain.model.rotary import RotaryTables, apply_rotary_tables
 
 # megatron-core rotates queries and keys through this hook when `apply_rope_fusion`
 # is set (Transformer Engine's kernel, where installed, which takes angles). The
-# model sets it and passes cos/sin tables (`pretrain.model.layers.rotary_tables`).
+# model sets it and passes cos/sin tables (`pretrain.model.rotary.rotary_tables`).
 rope_utils.fused_apply_rotary_pos_emb = apply_rotary_tables
 
 
@@ -183,10 +176,7 @@ class LlamaModel(torch.nn.Module):
         `"mean"` its mean over the tokens where `loss_mask` [b, s] is set (all if None)."""
         if reduction not in ("none", "mean"):
             raise ValueError(f"reduction={reduction!r}: expected 'none' or 'mean'")
-        hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # megatron layout [s, b, h]
-        if self.config.sequence_parallel:
-            hidden = scatter_to_sequence_parallel_region(
-                hidden, parallel_state.get_tensor_model_parallel_group())
+        hidden = embed_tokens(self.embedding, tokens, self.config.sequence_parallel)
         rotary = self.rotary(tokens.shape[1], tokens.device, position_ids)
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
@@ -198,11 +188,27 @@ class LlamaModel(torch.nn.Module):
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, vocab / tp]
         if labels is None:
             return logits.transpose(0, 1)
-        # Cross entropy in fp32 over the vocabulary shards, without gathering them.
-        loss = tensor_parallel.vocab_parallel_cross_entropy(
-            logits.float(), labels.transpose(0, 1).contiguous()
-        ).transpose(0, 1)  # [b, s]
+        loss = per_token_loss(logits, labels)
         return masked_mean(loss, loss_mask) if reduction == "mean" else loss
+
+
+# --- the two ends, shared with the pipeline stages ------------------------------------------
+
+def embed_tokens(embedding: torch.nn.Module, tokens: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
+    """Token ids [b, s] → hidden states in megatron-core's layout [s, b, h]; under sequence
+    parallelism, this tensor-parallel rank's slice of the sequence."""
+    hidden = embedding(tokens).transpose(0, 1).contiguous()
+    if sequence_parallel:
+        hidden = scatter_to_sequence_parallel_region(hidden, parallel_state.get_tensor_model_parallel_group())
+    return hidden
+
+
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross entropy [b, s] of logit shards [s, b, vocab / tp] against labels [b, s], in fp32
+    over the vocabulary shards, without gathering them."""
+    return tensor_parallel.vocab_parallel_cross_entropy(
+        logits.float(), labels.transpose(0, 1).contiguous()
+    ).transpose(0, 1)
 
 
 def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:

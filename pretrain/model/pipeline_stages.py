@@ -1,7 +1,7 @@
-"""The model as a DeepSpeed pipeline: embedding, transformer layers, head.
+"""The model as DeepSpeed pipeline stages: embedding, transformer layers, head.
 
-megatron-core's own pipeline schedules assume CUDA, so pipeline parallelism
-runs through DeepSpeed's `PipelineModule` and its 1F1B engine. Each stage is
+Pipeline parallelism runs through DeepSpeed's `PipelineModule` and its 1F1B
+engine (`parallel.pipeline`). Each stage is
 built from the same megatron-core pieces as `pretrain.model.llama.LlamaModel`, and
 initialised under the single-process parameter names, so any partition
 starts from the same weights.
@@ -18,16 +18,17 @@ from __future__ import annotations
 
 import torch
 from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
-from deepspeed.runtime.pipe.topology import PipeModelDataParallelTopology
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from pretrain.config import ModelConfig
+from parallel.pipeline import pipeline_module
+from parallel.sequence import sequence_parallel_linear
+from pretrain.model.config import ModelConfig
 from pretrain.model.init import initialize_local
-from parallel.sequence import scatter_to_sequence_parallel_region, sequence_parallel_linear
-from pretrain.model.layers import ColumnParallelLinear, RMSNorm, RotaryTables
-from pretrain.model.llama import layer_spec, masked_mean
+from pretrain.model.layers import ColumnParallelLinear, RMSNorm
+from pretrain.model.rotary import RotaryTables
+from pretrain.model.llama import embed_tokens, layer_spec, masked_mean, per_token_loss
 
 
 class EmbeddingStage(torch.nn.Module):
@@ -43,10 +44,7 @@ class EmbeddingStage(torch.nn.Module):
         """Token ids [b, s], or (token ids, position ids, attention mask) with the
         end-of-document options, whose two extras are passed on to the layers."""
         tokens, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
-        hidden = self.embedding(tokens).transpose(0, 1).contiguous()  # [s, b, h]
-        if self.sequence_parallel:
-            hidden = scatter_to_sequence_parallel_region(
-                hidden, parallel_state.get_tensor_model_parallel_group())
+        hidden = embed_tokens(self.embedding, tokens, self.sequence_parallel)
         return (hidden, *extras) if extras else hidden
 
 
@@ -122,10 +120,7 @@ def tied_output_logits(stage: EmbeddingStage, hidden: torch.Tensor) -> torch.Ten
 def vocab_parallel_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     """Mean loss over the tokens; `labels` is ids [b, s] or (ids, loss mask [b, s])."""
     labels, loss_mask = labels if isinstance(labels, tuple) else (labels, None)
-    per_token = tensor_parallel.vocab_parallel_cross_entropy(
-        logits.float(), labels.transpose(0, 1).contiguous()
-    )
-    return masked_mean(per_token.transpose(0, 1), loss_mask)
+    return masked_mean(per_token_loss(logits, labels), loss_mask)
 
 
 def build_pipeline(
@@ -137,15 +132,9 @@ def build_pipeline(
     specs.append(LayerSpec(HeadStage, cfg, config, padded_vocab, seed))
     if cfg.tie_embeddings:
         specs.append(embedding_spec(cfg, config, padded_vocab, seed, forward_fn=tied_output_logits))
-    module = PipelineModule(
-        layers=specs,
-        topology=PipeModelDataParallelTopology(num_pp=stages, num_mp=tensor, num_dp=data),
-        loss_fn=vocab_parallel_loss,
-        # "uniform" balances transformer layers; "parameters" balances parameter counts.
-        partition_method="type:TransformerLayerStage" if partition == "uniform" else "parameters",
-    )
-    count_replicated_weights_once(module)
-    return module
+    # "uniform" balances transformer layers; "parameters" balances parameter counts.
+    method = "type:TransformerLayerStage" if partition == "uniform" else "parameters"
+    return pipeline_module(specs, vocab_parallel_loss, stages, tensor, data, method)
 
 
 # The key of the tied embedding: its parameters are named `tied_modules.embedding.embedding.*`.
@@ -164,30 +153,3 @@ def embedding_spec(cfg: ModelConfig, config: TransformerConfig, padded_vocab: in
         return LayerSpec(EmbeddingStage, cfg, config, padded_vocab, seed)
     return TiedLayerSpec(TIED_EMBEDDING, EmbeddingStage, cfg, config, padded_vocab, seed,
                          forward_fn=forward_fn, tied_weight_attr=["embedding.weight"])
-
-
-def count_replicated_weights_once(module: torch.nn.Module) -> None:
-    """Makes DeepSpeed's gradient norm count every stage's replicated weights.
-
-    DeepSpeed sums squared gradient norms over the pipeline x tensor group and
-    counts a weight that is not tensor-sharded only on that group's rank 0,
-    so norm weights on later stages would be left out of the norm (and of
-    clipping). Marking them `model_parallel` on each stage's first tensor rank
-    counts each exactly once.
-
-    The last stage's copy of a tied embedding (`ds_pipe_replicated`) is the
-    opposite case: its gradient, all-reduced with the first stage's, is
-    already counted there. DeepSpeed's ZeRO and bf16 norms skip such copies,
-    but the plain fp32 clipping (`clip_grad_norm_`) counts every model-parallel
-    weight, so the copy is unmarked: never on a stage's rank 0, it is then
-    left out of the norm and still clipped.
-    """
-    if parallel_state.get_pipeline_model_parallel_rank() == 0:
-        return
-    for param in module.parameters():
-        if getattr(param, "ds_pipe_replicated", False):
-            param.tensor_model_parallel = False
-            param.model_parallel = False
-        elif parallel_state.get_tensor_model_parallel_rank() == 0 \
-                and not getattr(param, "tensor_model_parallel", False):
-            param.model_parallel = True

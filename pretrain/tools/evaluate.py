@@ -18,20 +18,19 @@ import argparse
 import json
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, NoReturn
 
 import numpy as np
 import torch
 
-EXIT_BAD_INPUT = 2
+from common import errors
 
 
-def fail(message: str) -> None:
-    print(f"pretrain-eval: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+
+def fail(message: str) -> NoReturn:
+    errors.fail("pretrain-eval", message)
 
 
 def shard_batches(dataset, batch_size: int, num_batches: int | None) -> Iterator[np.ndarray]:
@@ -77,10 +76,10 @@ def validation_batches(train_config: dict) -> Iterator[np.ndarray]:
     """The fixed held-out batches the trainer evaluated on (data-parallel size 1)."""
     from data_pipeline.dataset import fixed_batches
     from pretrain.config import Config, from_dict
-    from pretrain.training.trainer import training_data
+    from data_pipeline.training_data import training_data
 
     cfg = from_dict(Config, train_config)
-    valid = training_data(cfg, log=lambda *_: None).valid
+    valid = training_data(cfg.data, log=lambda *_: None).valid
     for batch in fixed_batches(valid, cfg.trainer.micro_batch_size, cfg.trainer.eval_batches):
         yield torch.cat([batch["tokens"], batch["labels"][:, -1:]], dim=1).numpy()
 

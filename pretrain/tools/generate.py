@@ -11,11 +11,13 @@ A checkpoint of any parallel layout is consolidated into one process.
 from __future__ import annotations
 
 import argparse
-import sys
+
+from typing import NoReturn
 
 import torch
 
-EXIT_BAD_INPUT = 2
+from common import errors
+
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -105,9 +107,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def fail(message: str) -> None:
-    print(f"pretrain-generate: error: {message}", file=sys.stderr, flush=True)
-    sys.exit(EXIT_BAD_INPUT)
+def fail(message: str) -> NoReturn:
+    errors.fail("pretrain-generate", message)
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-EXIT_BAD_INPUT = 2
+from common.errors import UserError, fail
+
 PANELS = (("loss", "training loss"), ("valid/loss", "validation loss"), ("tokens_per_s", "tokens/s"))
 
 
-class MetricsError(ValueError):
+class MetricsError(UserError, ValueError):
     """A run directory or its metrics file is missing or malformed; the message names it."""
 
 
@@ -109,8 +109,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         plot_runs(args.run_dirs, args.output)
     except MetricsError as err:
-        print(f"pretrain-plot: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+        fail("pretrain-plot", str(err))
     print(f"wrote {args.output}", flush=True)
     return Path(args.output)
 

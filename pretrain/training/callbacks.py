@@ -1,141 +1,25 @@
-"""What happens around a training step: evaluation, logging and checkpointing.
+"""What happens around a training step: evaluation, progress and checkpointing.
 
 Each callback decides its own interval, so the loop in `trainer.py` only calls
-`on_train_start`, `on_step_end` and `on_train_end`.
+`on_train_start`, `on_step_end` and `on_train_end`. A run's callbacks are
+named in `trainer.callbacks` (see `build.CALLBACKS`); code that builds a
+trainer itself can pass any list.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-import os
 import sys
 import time
-import uuid
 from collections import deque
-from pathlib import Path
 from typing import TYPE_CHECKING, TextIO
 
-import torch
+from pretrain.training.callback import Callback
 
-from pretrain.checkpoint.files import files as checkpoint
 
 if TYPE_CHECKING:
-    from pretrain.config import Config
     from pretrain.training.preemption import SaveTriggers
     from pretrain.training.trainer import Trainer
-
-
-class Callback:
-    def on_train_start(self, trainer: "Trainer") -> None: ...
-
-    def on_step_end(self, trainer: "Trainer", metrics: dict) -> None: ...
-
-    def on_train_end(self, trainer: "Trainer") -> None: ...
-
-
-# --- metric sinks ---------------------------------------------------------------------------
-
-class MetricsFile(Callback):
-    """Appends every logged record to `metrics.jsonl` in the run directory (rank 0).
-
-    Three kinds of record, each with an integer `step`: a training step
-    (`loss`, `lr`, `grad_norm`, `step_time`, `tokens_per_s`, `tflops`, `mfu`
-    when a peak is known, `loss_scale` under fp16, `consumed_tokens`,
-    `memory_bytes`, `skipped_steps`), an evaluation (`valid/loss`, `valid/ppl`) and a checkpoint
-    (`checkpoint/step`, `checkpoint/path`).
-    """
-
-    def __init__(self, run_dir: str):
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.file = None
-
-    def log(self, record: dict) -> None:
-        if self.file is None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.file = open(self.path, "a", buffering=1)
-        self.file.write(json.dumps(record) + "\n")
-
-    def on_train_end(self, trainer):
-        if self.file is not None:
-            self.file.close()
-            self.file = None
-
-
-class WandbSink(Callback):
-    """Weights & Biases: online when a key is configured, offline files otherwise.
-
-    The run id is kept in the run directory, so a resumed training run
-    continues the same W&B run instead of starting a new one. Steps redone
-    after resuming from an earlier checkpoint are already in the W&B history;
-    W&B keeps the first values, which a bit-exact resume reproduces anyway.
-    """
-
-    def __init__(self, run_dir: str, project: str, name: str | None, mode: str, config: dict):
-        import wandb
-
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
-        id_file = Path(run_dir) / "wandb_run_id"
-        # W&B's own style of id (8 lowercase letters and digits), made here because
-        # wandb's helper for it has moved between releases.
-        run_id = id_file.read_text().strip() if id_file.is_file() else uuid.uuid4().hex[:8]
-        if mode != "disabled":
-            checkpoint.write_run_file(run_dir, "wandb_run_id", run_id.encode())
-        self.run = wandb.init(
-            project=project, name=name, id=run_id, resume="allow", mode=mode,
-            dir=run_dir, config=config,
-        )
-
-    def log(self, record: dict) -> None:
-        values = {k: v for k, v in record.items() if k != "step"}
-        self.run.log(values, step=record["step"])
-
-    def on_train_end(self, trainer):
-        self.run.finish()
-
-
-class TensorBoardSink(Callback):
-    """TensorBoard event files in `<run_dir>/tensorboard`: numbers as scalars, the rest as text."""
-
-    def __init__(self, run_dir: str, config: dict):
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), flush_secs=30)
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
-
-    def log(self, record: dict) -> None:
-        step = record["step"]
-        for key, value in record.items():
-            if key == "step":
-                continue
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                self.writer.add_scalar(key, value, step)
-            else:
-                self.writer.add_text(key, str(value), step)
-
-    def on_train_end(self, trainer):
-        self.writer.close()
-
-
-def build_sinks(cfg: "Config") -> list[Callback]:
-    """The logging rank's sinks: metrics.jsonl always, plus the configured logger."""
-    run_dir, logger = cfg.trainer.run_dir, cfg.logger
-    sinks: list[Callback] = [MetricsFile(run_dir)]
-    if logger.kind == "wandb":
-        sinks.append(WandbSink(run_dir, logger.project, logger.name, logger.mode, dataclasses.asdict(cfg)))
-    elif logger.kind == "tensorboard":
-        sinks.append(TensorBoardSink(run_dir, dataclasses.asdict(cfg)))
-    return sinks
-
-
-def loss_scale(engine) -> dict[str, float]:
-    """fp16's dynamic loss scale; bf16 and fp32 have none, so nothing is reported for them."""
-    if not engine.fp16_enabled():
-        return {}
-    scale = getattr(engine.optimizer, "loss_scale", None)
-    return {} if scale is None else {"loss_scale": float(scale)}
 
 
 # --- console --------------------------------------------------------------------------------
@@ -282,41 +166,35 @@ class Checkpointing(Callback):
 
     Every rank asks the triggers at every step (one small all-reduce), so all
     ranks save at the same step; after a SIGTERM save the loop stops.
+    `save_at_end=False` leaves the final save out (a benchmark that runs the
+    loop in chunks).
     """
 
-    def __init__(self, triggers: "SaveTriggers"):
+    def __init__(self, triggers: "SaveTriggers", save_at_end: bool = True):
         self.triggers = triggers
+        self.save_at_end = save_at_end
 
     def on_train_start(self, trainer):
         self.triggers.saved()  # minutes count from the start of training
 
+    def save(self, trainer: "Trainer", reason: str = "") -> None:
+        trainer.save_checkpoint(reason)
+        self.triggers.saved()
+
     def on_step_end(self, trainer, metrics):
-        writer = trainer.writer
-        decision = self.triggers.decide(metrics["step"], writing=writer is not None and writer.busy())
+        checkpointer = trainer.checkpointer
+        decision = self.triggers.decide(metrics["step"], writing=checkpointer.writing())
         if decision.written:  # every rank has its background checkpoint on disk
-            trainer.finish_pending_save()
+            checkpointer.commit_pending(trainer.state.step)
         if decision.save and trainer.state.last_checkpoint_step != trainer.state.step:
-            trainer.save_checkpoint(decision.reason)
+            self.save(trainer, decision.reason)
         if decision.stop and trainer.state.step < trainer.cfg.trainer.train_steps:
-            trainer.finish_pending_save()
+            checkpointer.commit_pending(trainer.state.step)
             trainer.stop_requested = True  # at the last step there is nothing left to requeue
 
     def on_train_end(self, trainer):
+        if not self.save_at_end:
+            return
         if trainer.state.last_checkpoint_step != trainer.state.step:
-            trainer.save_checkpoint()
-        trainer.finish_pending_save()
-
-
-def memory_bytes(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    except ImportError:  # pragma: no cover - non-POSIX
-        return 0
-
-
-def stderr(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
+            self.save(trainer)
+        trainer.checkpointer.commit_pending(trainer.state.step)

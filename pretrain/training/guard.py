@@ -5,8 +5,8 @@ own mixed-precision and ZeRO optimizers already refuse such a step (the
 "overflow" they detect for fp16 loss scaling): no update, gradients zeroed,
 no learning-rate step, `engine.skipped_steps` counted. The plain fp32 path
 hands DeepSpeed a torch optimizer that has no such check, so
-`skip_nonfinite_updates` gives it the same `overflow` flag; the loop sets it
-when the norm it clips by is not finite. Either way a skip is counted once,
+`parallel.step.skip_nonfinite_updates` gives it the same `overflow` flag; the
+step sets it when the norm it clips by is not finite. Either way a skip is counted once,
 by DeepSpeed, and reported as `skipped_steps`.
 
 A non-finite loss always comes with non-finite gradients (its gradient is
@@ -23,36 +23,7 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-# Exit status of a run aborted because its loss or gradients stayed non-finite.
-EXIT_DIVERGED = 3
-# A rollback to the same checkpoint more often than this means the run cannot recover.
-MAX_ROLLBACKS_PER_CHECKPOINT = 3
-
-
-class TrainingDiverged(RuntimeError):
-    """Training cannot continue: the message says at which step and why."""
-
-
-def skip_nonfinite_updates(optimizer) -> None:
-    """Makes `optimizer.step()` a no-op while `optimizer.overflow` is set.
-
-    DeepSpeed reads `optimizer.overflow` after the step: when it is set, it
-    skips the learning-rate schedule and counts a skipped step, as it does for
-    its own optimizers. The flag is set (or cleared) by the training step at
-    every accumulation boundary.
-    """
-    if getattr(optimizer, "_skips_nonfinite", False):
-        return
-    optimizer.overflow = False
-    step = optimizer.step
-
-    def guarded_step(*args, **kwargs):
-        if optimizer.overflow:
-            return None
-        return step(*args, **kwargs)
-
-    optimizer.step = guarded_step
-    optimizer._skips_nonfinite = True
+from common.errors import TrainingDiverged
 
 
 class BadStepGuard:

@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from common.errors import first_line
+from common.typed_config import ConfigError
 from pretrain.config import OptimConfig
 
 
@@ -43,7 +45,10 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device):
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.device, offload: bool = False):
+    """torch's AdamW, or DeepSpeed's CPU Adam when ZeRO offloads the optimizer to host memory."""
+    if offload:
+        return cpu_adam(model, cfg)
     # The fused kernel updates each tensor in one pass, on CUDA and on CPU
     # (vectorised, across threads); on CPU it takes about two thirds of the
     # multi-tensor (foreach) path's time for the default model.
@@ -54,6 +59,18 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device: torch.devi
         eps=cfg.eps,
         fused=device.type in ("cuda", "cpu"),
     )
+
+
+def cpu_adam(model: torch.nn.Module, cfg: OptimConfig):
+    """DeepSpeed's CPU Adam (AdamW mode), a C++ op compiled on first use."""
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    try:
+        return DeepSpeedCPUAdam(parameter_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, adamw_mode=True)
+    except Exception as err:  # the C++ op needs a working compiler
+        raise ConfigError(f"parallel.offload_optimizer=true: DeepSpeed's CPU Adam op could not be "
+                          f"built or loaded ({first_line(err)}); expected a C++ compiler and ninja") from err
 
 
 def build_scheduler(cfg: OptimConfig, total_steps: int):

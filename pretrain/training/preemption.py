@@ -7,7 +7,7 @@ signals one node, a user who signals one process).
 
 - SIGUSR1: save a checkpoint at the next step boundary and keep training.
 - SIGTERM: save a checkpoint at the next step boundary, then exit with
-  `checkpoint.EXIT_PREEMPTED` (75) so that a job script or scheduler requeues
+  `common.errors.EXIT_PREEMPTED` (75) so that a job script or scheduler requeues
   the job; the requeued run resumes from that checkpoint.
 """
 

@@ -1,0 +1,48 @@
+"""From a model built for this rank to the engine that trains it, in one fixed order.
+
+By the time the model reaches `parallelize`, tensor parallelism is already in
+it: megatron-core's layers cut their weights by `parallel_state`, and a
+pipeline model holds only this rank's stage. What follows wraps it, and the
+order matters:
+
+1. Activation checkpointing wraps the forwards of existing modules in place,
+   before anything else holds on to those forwards.
+2. Sequence parallelism's gradient reduction is hooked onto the weights that
+   each tensor-parallel rank sees only a slice of the sequence for.
+3. The optimizer is made over the model's parameters, before DeepSpeed
+   flattens or partitions them.
+4. DeepSpeed wraps model and optimizer: data parallelism, ZeRO partitioning,
+   mixed precision, and the pipeline engine for a pipeline model.
+5. torch.compile comes last, on the engine's module in place, so it traces
+   the module as DeepSpeed runs it (ZeRO-3's parameter hooks included).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from parallel.activation_checkpointing import apply_activation_checkpointing
+from parallel.compile import compile_model
+from parallel.config import ParallelConfig
+from parallel.engine import Engine, EngineOptions, build_engine, clips_in_loop
+from parallel.tensor import reduce_sequence_parallel_grads
+
+
+def parallelize(model: torch.nn.Module, parallel: ParallelConfig, *, options: EngineOptions,
+                make_optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer], scheduler_factory,
+                data_parallel: int, device: torch.device, compile_mode: str = "none",
+                recomputed: dict[str, type | tuple[type, ...]] | None = None,
+                layer_types: tuple[type, ...] = ()) -> Engine:
+    """The engine for `model` on this rank. `recomputed` maps the activation-checkpointing
+    modes to the module types they recompute, `layer_types` are what compiling by layers
+    compiles; both come from the model."""
+    # torch.utils.checkpoint around layers or core attention (megatron-core's recompute needs CUDA).
+    apply_activation_checkpointing(model, parallel.activation_checkpointing, recomputed or {})
+    if parallel.sequence_parallel:
+        reduce_sequence_parallel_grads(model)
+    optimizer = make_optimizer(model)
+    deepspeed_engine = build_engine(model, optimizer, scheduler_factory, parallel, options, data_parallel)
+    compile_model(deepspeed_engine.module, compile_mode, layer_types)
+    return Engine(deepspeed_engine, device, loop_clip=options.grad_clip if clips_in_loop(parallel) else 0.0)

@@ -1,0 +1,109 @@
+"""Where metrics go: `metrics.jsonl` always, plus W&B or TensorBoard as `logger.kind` says.
+
+A sink is a callback with a `log(record)`; the trainer hands every record to
+each sink of the logging rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import uuid
+from pathlib import Path
+
+from pretrain.checkpoint.files import WANDB_ID_FILE, wandb_run_id, write_run_file
+from pretrain.config import Config
+from pretrain.training.callback import Callback
+
+
+class MetricsFile(Callback):
+    """Appends every logged record to `metrics.jsonl` in the run directory (rank 0).
+
+    Three kinds of record, each with an integer `step`: a training step
+    (`loss`, `lr`, `grad_norm`, `step_time`, `tokens_per_s`, `tflops`, `mfu`
+    when a peak is known, `loss_scale` under fp16, `consumed_tokens`,
+    `memory_bytes`, `skipped_steps`), an evaluation (`valid/loss`, `valid/ppl`) and a checkpoint
+    (`checkpoint/step`, `checkpoint/path`).
+    """
+
+    def __init__(self, run_dir: str):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.file = None
+
+    def log(self, record: dict) -> None:
+        if self.file is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(self.path, "a", buffering=1)
+        self.file.write(json.dumps(record) + "\n")
+
+    def on_train_end(self, trainer):
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+class WandbSink(Callback):
+    """Weights & Biases: online when a key is configured, offline files otherwise.
+
+    The run id is kept in the run directory, so a resumed training run
+    continues the same W&B run instead of starting a new one. Steps redone
+    after resuming from an earlier checkpoint are already in the W&B history;
+    W&B keeps the first values, which a bit-exact resume reproduces anyway.
+    """
+
+    def __init__(self, run_dir: str, project: str, name: str | None, mode: str, config: dict):
+        import wandb
+
+        if mode == "auto":
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        # W&B's own style of id (8 lowercase letters and digits), made here because
+        # wandb's helper for it has moved between releases.
+        run_id = wandb_run_id(run_dir) or uuid.uuid4().hex[:8]
+        if mode != "disabled":
+            write_run_file(run_dir, WANDB_ID_FILE, run_id.encode())
+        self.run = wandb.init(
+            project=project, name=name, id=run_id, resume="allow", mode=mode,
+            dir=run_dir, config=config,
+        )
+
+    def log(self, record: dict) -> None:
+        values = {k: v for k, v in record.items() if k != "step"}
+        self.run.log(values, step=record["step"])
+
+    def on_train_end(self, trainer):
+        self.run.finish()
+
+
+class TensorBoardSink(Callback):
+    """TensorBoard event files in `<run_dir>/tensorboard`: numbers as scalars, the rest as text."""
+
+    def __init__(self, run_dir: str, config: dict):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), flush_secs=30)
+        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+
+    def log(self, record: dict) -> None:
+        step = record["step"]
+        for key, value in record.items():
+            if key == "step":
+                continue
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(key, value, step)
+            else:
+                self.writer.add_text(key, str(value), step)
+
+    def on_train_end(self, trainer):
+        self.writer.close()
+
+
+def build_sinks(cfg: "Config") -> list[Callback]:
+    """The logging rank's sinks: metrics.jsonl always, plus the configured logger."""
+    run_dir, logger = cfg.trainer.run_dir, cfg.logger
+    sinks: list[Callback] = [MetricsFile(run_dir)]
+    if logger.kind == "wandb":
+        sinks.append(WandbSink(run_dir, logger.project, logger.name, logger.mode, dataclasses.asdict(cfg)))
+    elif logger.kind == "tensorboard":
+        sinks.append(TensorBoardSink(run_dir, dataclasses.asdict(cfg)))
+    return sinks
