@@ -59,8 +59,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as run_dir:
         trainer = build_trainer(cfg, run_dir)
-        model = trainer.engine.module
-        reference = ReferenceProcess(cfg, model, model.padded_vocab_size)
+        padded_vocab = trainer.engine.module.padded_vocab_size
+        reference = ReferenceProcess(cfg, trainer.engine.module, padded_vocab)
         product_losses = LossLog()
         trainer.sinks.append(product_losses)
 

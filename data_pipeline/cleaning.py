@@ -14,6 +14,7 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Literal
 
+from common.errors import first_line
 from data_pipeline.corpus import CorpusError
 from data_pipeline.sources import RAW_TEXT, payload_text
 
@@ -168,7 +169,7 @@ def _has_control(data: bytes) -> bool:
 def _reason(err: Exception) -> str:
     if isinstance(err, UnicodeDecodeError):
         return f"not UTF-8: {err.reason} at byte {err.start}"
-    return str(err).splitlines()[0]
+    return first_line(err)
 
 
 class Deduplicator:

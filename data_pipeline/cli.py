@@ -16,10 +16,8 @@ import os
 import sys
 import warnings
 
+from common.errors import EXIT_BAD_INPUT, UserError, fail, first_line  # noqa: F401 (EXIT_BAD_INPUT: re-exported)
 from data_pipeline.cleaning import CleaningConfig, Report
-from data_pipeline.corpus import CorpusError
-
-EXIT_BAD_INPUT = 2
 
 
 def _cleaning_args(parser: argparse.ArgumentParser) -> None:
@@ -119,15 +117,10 @@ def main(argv: list[str] | None = None) -> int:
 def cli() -> None:
     # megatron-core warns at import that optional CUDA fusion libraries are absent.
     warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex|apex).*")
-    from data_pipeline.cleaning import DataError
-    from data_pipeline.indexed import ShardError
-
     try:
         sys.exit(main())
-    except (CorpusError, DataError, ShardError, FileNotFoundError, ValueError, OSError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"pretrain-data: error: {message}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_BAD_INPUT)
+    except (UserError, ValueError, OSError) as err:  # CorpusError, DataError, ShardError are UserErrors
+        fail("pretrain-data", first_line(err))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ import os
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
+
+from common.errors import UserError
 
 STDLIB = "stdlib"
 # Test suites, vendored trees and the codec tables in `encodings` are skipped:
@@ -24,7 +26,7 @@ STDLIB = "stdlib"
 _STDLIB_SKIP = {"site-packages", "test", "tests", "idlelib", "lib2to3", "encodings", "__pycache__"}
 
 
-class CorpusError(ValueError):
+class CorpusError(UserError, ValueError):
     """A source is missing or yields no text; the message names it."""
 
 
@@ -51,19 +53,27 @@ def _stdlib_file_tuple() -> tuple[Path, ...]:
     return tuple(sorted(files, key=lambda p: hashlib.sha1(str(p.relative_to(root)).encode()).hexdigest()))
 
 
-def resolve_files(source: str) -> list[Path]:
-    """Files of one source: a file, a directory (searched recursively) or a glob."""
+def expand_path(source: str, keep: Callable[[Path], bool] = Path.is_file, context: str = "") -> list[Path]:
+    """The paths one source names (`~` expanded): itself if a file; if a directory, every
+    non-hidden file under it (searched recursively, sorted), which may be none; otherwise
+    the glob's matches that `keep` accepts (sorted), of which there must be at least one.
+    A glob that matches nothing raises CorpusError, its message prefixed with `context`."""
     path = Path(source).expanduser()
     if path.is_file():
         return [path]
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-    else:
-        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
-        files = [p for p in files if p.is_file()]
-        if not files:
-            raise CorpusError(f"data.sources: {source}: no such file, directory or matching glob")
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    files = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True))
+    files = [p for p in files if keep(p)]
     if not files:
+        raise CorpusError(f"{context}{source}: no such file, directory or matching glob")
+    return files
+
+
+def resolve_files(source: str) -> list[Path]:
+    """Files of one source: a file, a directory (searched recursively) or a glob."""
+    files = expand_path(source, context="data.sources: ")
+    if not files:  # only a directory can name no file
         raise CorpusError(f"data.sources: {source}: directory holds no files")
     return files
 

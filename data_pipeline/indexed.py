@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 
+from common.errors import UserError
 
-class ShardError(ValueError):
+
+class ShardError(UserError, ValueError):
     """A shard is missing, truncated or inconsistent; the message names the file."""
 
 
@@ -70,18 +71,6 @@ class ShardWriter:
             self.builder.data_file.close()
         for suffix in (".bin", ".idx"):
             Path(f"{self.tmp}{suffix}").unlink(missing_ok=True)
-
-
-def write_shard(prefix: str | os.PathLike, documents: Iterable[np.ndarray], dtype) -> int:
-    """Writes one shard of documents (1-D token arrays); returns its token count."""
-    writer = ShardWriter(prefix, dtype)
-    try:
-        for doc in documents:
-            writer.add(doc)
-        return writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
 
 
 def open_shard(prefix: str | os.PathLike):

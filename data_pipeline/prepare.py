@@ -54,6 +54,19 @@ def sample_documents(specs: list[str], cleaning: CleaningConfig, sample_bytes: i
                 yield Document(item.name, text)
 
 
+def train_sample_tokenizer(cfg: DataConfig, path: Path, log=print, log_suffix: str = "") -> Tokenizer:
+    """A tokenizer as `cfg.tokenizer` describes, trained on a cleaned sample of `cfg.sources`, written to `path`."""
+    t = cfg.tokenizer
+    sample = list(sample_documents(list(cfg.sources), cleaning_config(cfg), t.sample_bytes))
+    if len(sample) < 2:
+        raise CorpusError(f"data.sources={cfg.sources}: {len(sample)} non-empty documents; expected at least 2 "
+                          "(one for training, one for validation)")
+    log(f"data: training a {t.vocab_size}-piece {t.model_type} tokenizer{log_suffix}")
+    return train_tokenizer(sample, path, vocab_size=t.vocab_size, model_type=t.model_type,
+                           sample_bytes=t.sample_bytes, byte_fallback=t.byte_fallback,
+                           user_defined_symbols=t.user_defined_symbols)
+
+
 def cache_directory(cfg: DataConfig) -> Path:
     corpus = fingerprint(cfg.sources, cfg.max_corpus_bytes)
     settings = json.dumps(
@@ -90,18 +103,7 @@ def prepare_data(cfg: DataConfig, log=print) -> PreparedData:
         if cfg.tokenizer.model:
             tokenizer = Tokenizer(cfg.tokenizer.model)
         else:
-            t = cfg.tokenizer
-            sample = list(sample_documents(cfg.sources, cleaning, t.sample_bytes))
-            if len(sample) < 2:
-                raise CorpusError(
-                    f"data.sources={cfg.sources}: {len(sample)} non-empty documents; expected at least 2 "
-                    "(one for training, one for validation)")
-            log(f"data: training a {t.vocab_size}-piece {t.model_type} tokenizer")
-            tokenizer = train_tokenizer(
-                sample, directory / "tokenizer.model", vocab_size=t.vocab_size, model_type=t.model_type,
-                sample_bytes=t.sample_bytes, byte_fallback=t.byte_fallback,
-                user_defined_symbols=t.user_defined_symbols,
-            )
+            tokenizer = train_sample_tokenizer(cfg, directory / "tokenizer.model", log)
         log(f"data: cleaning and tokenizing {cfg.sources} on {cfg.workers or os.cpu_count()} processes")
         manifest = preprocess(PreprocessJob(
             list(cfg.sources), str(tokenizer.path), str(corpus), cfg.num_shards,

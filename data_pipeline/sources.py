@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from data_pipeline.corpus import STDLIB, CorpusError, _stdlib_files
+from data_pipeline.corpus import STDLIB, CorpusError, _stdlib_files, expand_path
 
 # How a worker turns a record payload into text.
 RAW_TEXT, JSON_LINE, STRING = "raw", "json", "str"
@@ -94,15 +94,7 @@ def resolve_inputs(specs: list[str]) -> list[Input]:
         if _is_saved_dataset(path):
             inputs.append(Input(str(path), "disk", _dir_size(path)))
             continue
-        if path.is_file():
-            candidates = [path]
-        elif path.is_dir():
-            candidates = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
-        else:
-            candidates = sorted(Path(p) for p in glob.glob(os.path.expanduser(spec), recursive=True))
-            candidates = [p for p in candidates if p.is_file() or _is_saved_dataset(p)]
-            if not candidates:
-                raise CorpusError(f"{spec}: no such file, directory or matching glob")
+        candidates = expand_path(spec, keep=lambda p: p.is_file() or _is_saved_dataset(p))
         found = []
         for p in candidates:
             if _is_saved_dataset(p):

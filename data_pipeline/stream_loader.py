@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from common.errors import first_line
 from data_pipeline.cleaning import DataError, Report
 from data_pipeline.corpus import CorpusError
 from data_pipeline.dataset import DataParallelLoader, collate
@@ -64,7 +65,7 @@ class _RankStreams(torch.utils.data.IterableDataset):
                                                self.micro_batch_size):
                 yield "batch", local, block, delta
         except (CorpusError, OSError) as err:  # bad input: reported by the training process
-            yield "error", local, str(err).strip().splitlines()[0], None
+            yield "error", local, first_line(err), None
 
 
 class StreamingLoader:

@@ -34,7 +34,7 @@ import json
 import shutil
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -144,6 +144,39 @@ def stream_documents(
             yield after(position, len(item.payload)), text, digest
 
 
+class Packer:
+    """Documents' tokens, each document ending in EOS, cut into samples of seq_len + 1 tokens;
+    consecutive samples share one token (the last of one is the first of the next)."""
+
+    def __init__(self, sp, seq_len: int, tokens: Iterable[int] = ()):
+        self.sp, self.eos = sp, sp.eos_id()
+        self.seq_len, self.width = seq_len, seq_len + 1
+        self.buffer = list(tokens)
+        self.head = 0  # buffer[head:] is unsent; a long document is not shifted down sample by sample
+
+    def add(self, text: str) -> int:
+        """Encodes a document and appends its ids and EOS; returns how many tokens that is."""
+        ids = self.sp.encode(text)
+        ids.append(self.eos)
+        self.buffer.extend(ids)
+        return len(ids)
+
+    def take(self) -> list[int] | None:
+        """The next sample, or None when the tokens left are too few for one (add a document)."""
+        if len(self.buffer) - self.head < self.width:
+            del self.buffer[:self.head]
+            self.head = 0
+            return None
+        sample = self.buffer[self.head:self.head + self.width]
+        self.head += self.seq_len  # the last token is the next sample's first input
+        return sample
+
+    @property
+    def pending(self) -> list[int]:
+        """Tokens read but not yet sent: a stream state's `buffer`."""
+        return self.buffer[self.head:]
+
+
 def fresh_state() -> dict:
     """A stream at the start of the first pass. Plain Python values, so checkpoints pickle them."""
     return {**asdict(Position()), "buffer": [], "shared": False, "samples": 0, "seen": b"",
@@ -163,11 +196,9 @@ def stream_batches(
     `reset_seen` set when a new pass began)."""
     import sentencepiece as spm
 
-    sp = spm.SentencePieceProcessor(model_proto=spec.tokenizer_model)
-    eos, width = sp.eos_id(), spec.seq_len + 1
+    packer = Packer(spm.SentencePieceProcessor(model_proto=spec.tokenizer_model), spec.seq_len, state["buffer"])
     position = position_of(state)
-    buffer, shared, samples = list(state["buffer"]), state["shared"], state["samples"]
-    head = 0  # buffer[head:] is unsent; a long document is not shifted down sample by sample
+    shared, samples = state["shared"], state["samples"]
     seen = {state["seen"][k:k + 16] for k in range(0, len(state["seen"]), 16)}
     report = Report.from_dict(state["report"])
     new_seen: list[bytes] = []
@@ -177,14 +208,12 @@ def stream_batches(
     while True:
         block = []
         while len(block) < micro_batch_size:
-            if len(buffer) - head >= width:
-                block.append(buffer[head:head + width])
-                head += spec.seq_len  # the last token is the next sample's first input
+            sample = packer.take()
+            if sample is not None:
+                block.append(sample)
                 shared = True
                 samples += 1
                 continue
-            del buffer[:head]
-            head = 0
             document = next(documents, None)
             if document is None:  # end of the pass: start the next one
                 if whole_pass and pass_tokens == 0:
@@ -198,13 +227,10 @@ def stream_batches(
                 documents = stream_documents(spec, stream, num_streams, position, seen, report, frontier)
                 continue
             position, text, digest = document
-            ids = sp.encode(text)
-            ids.append(eos)
-            buffer.extend(ids)
-            pass_tokens += len(ids)
+            pass_tokens += packer.add(text)
             if spec.cleaning.dedup:
                 new_seen.append(digest)
-        delta = {**asdict(position), "buffer": buffer[head:], "shared": shared, "samples": samples,
+        delta = {**asdict(position), "buffer": packer.pending, "shared": shared, "samples": samples,
                  "seen": b"".join(new_seen), "reset_seen": reset_seen, "report": report.to_dict()}
         new_seen, reset_seen = [], False
         yield np.asarray(block, dtype=np.int64), delta
@@ -222,24 +248,23 @@ class HeldOutSamples:
 
         self.spec = spec
         self.eod = spec.eod
-        self._sp = spm.SentencePieceProcessor(model_proto=spec.tokenizer_model)
+        self._packer = Packer(spm.SentencePieceProcessor(model_proto=spec.tokenizer_model), spec.seq_len)
         self._documents = stream_documents(spec, 0, 1, Position(), set(), Report(), split="valid")
         self._samples: list[np.ndarray] = []
-        self._buffer: list[int] = []
         self._done = False
 
     def __getitem__(self, index: int) -> np.ndarray:
         width = self.spec.seq_len + 1
         while len(self._samples) <= index and not self._done:
-            if len(self._buffer) >= width:
-                self._samples.append(np.asarray(self._buffer[:width], dtype=np.int64))
-                del self._buffer[:self.spec.seq_len]
+            sample = self._packer.take()
+            if sample is not None:
+                self._samples.append(np.asarray(sample, dtype=np.int64))
                 continue
             document = next(self._documents, None)
             if document is None:
                 self._done = True
                 break
-            self._buffer.extend(self._sp.encode(document[1]) + [self._sp.eos_id()])
+            self._packer.add(document[1])
         if not self._samples:
             raise DataError(f"{self.spec.describe()}: too few held-out documents for one validation sample "
                             f"of {width} tokens; expected a larger data.valid_fraction or more data")
@@ -265,9 +290,9 @@ def stream_spec(data_cfg, tokenizer, workers: int | None = None) -> StreamSpec:
 
 def streaming_tokenizer(data_cfg, log=print):
     """`data.tokenizer.model`, or one trained on a sample of the stream and cached by its settings."""
-    from data_pipeline.corpus import CorpusError, fingerprint
-    from data_pipeline.prepare import cleaning_config, sample_documents
-    from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+    from data_pipeline.corpus import fingerprint
+    from data_pipeline.prepare import cleaning_config, train_sample_tokenizer
+    from data_pipeline.tokenizer import Tokenizer
 
     d, t = data_cfg, data_cfg.tokenizer
     if t.model:
@@ -280,14 +305,7 @@ def streaming_tokenizer(data_cfg, log=print):
         return Tokenizer(path)
     created = not directory.exists()
     try:
-        sample = list(sample_documents(list(d.sources), cleaning_config(d), t.sample_bytes))
-        if len(sample) < 2:
-            raise CorpusError(f"data.sources={d.sources}: {len(sample)} non-empty documents; expected at least 2 "
-                              "(one for training, one for validation)")
-        log(f"data: training a {t.vocab_size}-piece {t.model_type} tokenizer on a sample of the stream")
-        return train_tokenizer(sample, path, vocab_size=t.vocab_size, model_type=t.model_type,
-                               sample_bytes=t.sample_bytes, byte_fallback=t.byte_fallback,
-                               user_defined_symbols=t.user_defined_symbols)
+        return train_sample_tokenizer(d, path, log, log_suffix=" on a sample of the stream")
     except BaseException:
         if created:
             shutil.rmtree(directory, ignore_errors=True)

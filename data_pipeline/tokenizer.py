@@ -10,6 +10,7 @@ from typing import Iterable
 
 import sentencepiece as spm
 
+from common.errors import first_line
 from data_pipeline.corpus import Document
 
 # Ids of the special pieces, fixed so that every tokenizer we train agrees.
@@ -102,7 +103,7 @@ def train_tokenizer(
     try:
         _train(prefix, documents, vocab_size, model_type, sample_bytes, byte_fallback, user_defined_symbols)
     except RuntimeError as err:  # SentencePiece reports bad settings as one long RuntimeError
-        reason = str(err).strip().splitlines()[0].split("] ")[-1]
+        reason = first_line(err).split("] ")[-1]
         raise ValueError(f"{output}: SentencePiece training failed: {reason}") from None
     os.replace(f"{prefix}.model", output)
     Path(f"{prefix}.vocab").unlink(missing_ok=True)

@@ -8,14 +8,15 @@ from parity import VOCAB, PatternTokens, layout_config
 
 
 def make_trainer(topology, run_dir: Path, **trainer_keys):
-    from pretrain.training.trainer import Trainer, TrainingData
+    from data_pipeline.training_data import TrainingData
+    from pretrain.training.build import build_trainer
 
     layout = {k: trainer_keys.pop(k) for k in ("tensor", "precision", "zero") if k in trainer_keys}
     cfg = layout_config(run_dir, **layout)
     cfg.trainer.eval_interval = 0
     for key, value in trainer_keys.items():
         setattr(cfg.trainer, key, value)
-    return Trainer(cfg, topology, TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB))
+    return build_trainer(cfg, topology, TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB))
 
 
 class Record:

@@ -7,7 +7,7 @@ import traceback
 
 import torch.multiprocessing as mp
 
-from parallel.groups import free_port
+from common.net import free_port
 
 
 def _worker(fn, rank: int, world_size: int, port: int, queue, args) -> None:

@@ -83,7 +83,8 @@ class LossRecorder:
 
 def train_layout(run_dir: str, **layout) -> dict:
     """Per-step losses, and the step after a checkpoint round trip, for one layout."""
-    from parallel.memory_plan import predict_rank
+    from pretrain.training.memory_plan import predict_rank
+    from pretrain.training.memory_report import MemoryReport
     from pretrain.checkpoint import files as checkpoint
 
     trainer = layout_trainer(run_dir, **layout)
@@ -91,7 +92,8 @@ def train_layout(run_dir: str, **layout) -> dict:
     recorder = LossRecorder()
     trainer.callbacks.append(recorder)
     trainer.fit()  # saves a checkpoint at the last step
-    measured = trainer.memory.first_step.result()
+    report = next(c for c in trainer.callbacks if isinstance(c, MemoryReport))
+    measured = report.first_step.result()
     predicted = predict_rank(cfg, topology.world_size, topology.pp_rank, VOCAB)
     # Modules whose forward is wrapped in place by activation checkpointing.
     checkpointed = sum("forward" in vars(m) for m in trainer.engine.module.modules())
@@ -115,20 +117,18 @@ def trainer_for(cfg: Config):
     """A `Trainer` of `cfg` on this world's process groups, reading the parity tokens
     (cut into documents when `cfg` uses the end-of-document options)."""
     from parallel.groups import init_process_groups
-    from pretrain.training.trainer import Trainer, TrainingData
+    from data_pipeline.training_data import TrainingData
+    from pretrain.training.build import build_trainer
 
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
     cfg.validate_world(topology.world_size)
     tokens = DocumentTokens if cfg.data.eod_mask_loss else PatternTokens
-    return Trainer(cfg, topology, TrainingData(train=tokens(), valid=tokens(), vocab_size=VOCAB))
+    return build_trainer(cfg, topology, TrainingData(train=tokens(), valid=tokens(), vocab_size=VOCAB))
 
 
 def next_step_loss(trainer) -> float:
     """The loss of one more training step, averaged over the data-parallel ranks."""
-    from parallel.engine import train_step
-
-    return trainer.data_parallel_mean(train_step(trainer.engine, trainer.train_loader, trainer.device,
-                                                 trainer.loop_clip)[0])
+    return trainer.data_parallel_mean(trainer.engine.train_step(trainer.train_loader).loss)
 
 
 def tied_embedding(engine) -> np.ndarray | None:

@@ -82,7 +82,7 @@ def test_fused_cpu_adamw_makes_the_multi_tensor_update():
 
 def test_auto_compile_is_the_whole_model_on_one_process_only(monkeypatch):
     from parallel.groups import Topology
-    from pretrain.training.trainer import resolve_compile
+    from parallel.compile import resolve_compile
 
     def topology(world_size: int) -> Topology:
         return Topology(rank=0, world_size=world_size, local_rank=0, tensor=1, pipeline=1,

@@ -13,6 +13,7 @@ from checkpointing import make_trainer, train
 from parity import layout_config
 
 from pretrain.checkpoint import files as checkpoint
+from pretrain.checkpoint.rng_state import capture_rng_state
 
 
 @pytest.fixture(autouse=True)
@@ -86,14 +87,14 @@ def test_rng_states_of_the_rank_come_back(single_process_groups, tmp_path):
 
     trainer = make_trainer(single_process_groups, tmp_path)
     train(trainer, 2)  # saves at the end
-    saved = checkpoint.capture_rng_state()  # saving draws nothing
+    saved = capture_rng_state()  # saving draws nothing
     random.random(), np.random.rand(), torch.rand(3)  # the streams move on
     with megatron_random.get_cuda_rng_tracker().fork():
         torch.rand(3)
 
     restored = make_trainer(single_process_groups, tmp_path)  # re-seeds everything
     restored.load_checkpoint(checkpoint.latest_checkpoint(tmp_path))
-    now = checkpoint.capture_rng_state()
+    now = capture_rng_state()
     assert now["python"] == saved["python"]
     assert all(np.array_equal(a, b) if isinstance(a, np.ndarray) else a == b
                for a, b in zip(now["numpy"], saved["numpy"]))
@@ -109,7 +110,7 @@ def test_resume_is_bit_exact(single_process_groups, tmp_path, precision, backgro
     first = make_trainer(single_process_groups, tmp_path / "resumed", precision=precision, checkpoint_interval=3,
                          async_checkpoint=background)
     train(first, 5)  # steps 4 and 5 are lost with the process
-    assert first.pending_save is None and not list((tmp_path / "resumed" / "checkpoints").glob("*.partial"))
+    assert first.checkpointer.pending is None and not list((tmp_path / "resumed" / "checkpoints").glob("*.partial"))
     (tmp_path / "resumed" / "checkpoints" / "step_0000005" / checkpoint.COMPLETE).unlink()  # never finished
     second = make_trainer(single_process_groups, tmp_path / "resumed", precision=precision)
     second.load_checkpoint(checkpoint.resolve_resume(str(tmp_path / "resumed"), "auto"))
@@ -141,7 +142,7 @@ def test_guard_rolls_back_past_the_bad_data_or_aborts(single_process_groups, tmp
     # Steps 5 and 6 are bad: back to step 4, then steps 5-7 on the data after the bad window.
     # (The callbacks never see step 6, which is undone at once.)
     assert [m["step"] for m in record.metrics] == [1, 2, 3, 4, 5, 5, 6, 7]
-    assert trainer.state.step == 7 and trainer.rollbacks == {4: 1}
+    assert trainer.state.step == 7 and trainer.checkpointer.rollbacks == {4: 1}
     assert trainer.train_loader.consumed_samples == 9 * 8  # 7 steps kept + 2 undone, 8 samples each
     metrics = [json.loads(line) for line in (tmp_path / "rollback" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in metrics if "loss" in r]

@@ -91,7 +91,8 @@ def two_rank_group(init_run: str, exported: str, workdir: str) -> dict:
     """TP=2 and PP=2 runs from scratch (for export), and a TP=2 run initialised from the export."""
     from parallel.groups import init_process_groups
     from pretrain.hf.import_weights import init_from
-    from pretrain.training.trainer import Trainer, load_training_data
+    from data_pipeline.training_data import load_training_data
+    from pretrain.training.build import build_trainer
 
     losses = {}
     for name, parallel, steps, source in (("tp2", {"tensor": 2}, 4, None),
@@ -100,9 +101,10 @@ def two_rank_group(init_run: str, exported: str, workdir: str) -> dict:
         cfg = _config(Path(init_run), {"parallel": parallel, "trainer": {
             "run_dir": str(Path(workdir) / name), "train_steps": steps, "init_from": source}})
         topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
-        trainer = Trainer(cfg, topology, load_training_data(cfg, topology, log=lambda *_: None))
+        data = load_training_data(cfg.data, topology.rank, log=lambda *_: None)
+        trainer = build_trainer(cfg, topology, data)
         if source:
-            init_from(trainer, source)
+            init_from(trainer.engine.deepspeed, source, cfg.model, cfg.parallel, data.tokenizer, data.vocab_size)
         state = trainer.fit()
         losses[name] = {"valid": state.valid_history}
     return losses

@@ -80,7 +80,7 @@ class StepRecord:
     def __init__(self, trainer):
         self.steps, self.squares = [], 0.0
         self.before = self.weights(trainer)
-        inner = trainer.engine.optimizer.optimizer  # torch's AdamW inside DeepSpeed's ZeRO optimizer
+        inner = trainer.engine.deepspeed.optimizer.optimizer  # torch's AdamW inside DeepSpeed's ZeRO optimizer
         step = inner.step
 
         def observed_step(*args, **kwargs):  # called once per parameter group
@@ -130,9 +130,9 @@ def resume_run(root: Path, layout: dict) -> dict:
     straight_steps = train(straight, RESUME_STEPS).steps
     train(fp16_trainer(root / "resumed", layout, RESUME), SAVE_AT)  # saves at its last step
     resumed = fp16_trainer(root / "resumed", layout, RESUME)
-    fresh_scale = resumed.engine.optimizer.loss_scale
+    fresh_scale = resumed.engine.deepspeed.optimizer.loss_scale
     resumed.load_checkpoint(checkpoint.latest_checkpoint(root / "resumed"))
-    restored_scale = resumed.engine.optimizer.loss_scale
+    restored_scale = resumed.engine.deepspeed.optimizer.loss_scale
     resumed_steps = train(resumed, RESUME_STEPS).steps
     same_weights = all(torch.equal(a, b) for a, b in zip(StepRecord.weights(straight),
                                                          StepRecord.weights(resumed), strict=True))

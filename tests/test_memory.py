@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, TINY, run_pretrain
 from pretrain.config import Config, ConfigError, from_dict
-from parallel.memory_plan import plan_memory, stage_params
+from pretrain.training.memory_plan import plan_memory, stage_params
 
 GIB = 2**30
 
@@ -83,7 +83,7 @@ def test_layouts_that_do_not_fit_the_world_are_one_line_errors():
 
 
 def plan(*args):
-    return subprocess.run([sys.executable, "-m", "parallel.memory", *args], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "pretrain.tools.plan", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from pretrain.config import ModelConfig
-from pretrain.model.layers import SDPAttention, apply_rotary_tables, rotary_frequencies, rotary_tables
+from pretrain.model.layers import SDPAttention
+from pretrain.model.rotary import apply_rotary_tables, rotary_frequencies, rotary_tables
 from pretrain.model.llama import LlamaModel, transformer_config
 
 VOCAB = 256

@@ -43,14 +43,15 @@ def _trainer(run_dir, layout, train):
     import torch
 
     from parallel.groups import init_process_groups
-    from pretrain.training.trainer import Trainer, TrainingData
+    from data_pipeline.training_data import TrainingData
+    from pretrain.training.build import build_trainer
 
     cfg = layout_config(Path(run_dir), **layout)
     cfg.trainer.train_steps = STEPS
     cfg.trainer.checkpoint_interval = SAVED_AT
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
     cfg.validate_world(topology.world_size)
-    trainer = Trainer(cfg, topology, TrainingData(train=train, valid=PatternTokens(), vocab_size=VOCAB))
+    trainer = build_trainer(cfg, topology, TrainingData(train=train, valid=PatternTokens(), vocab_size=VOCAB))
     recorder = LossRecorder()
     trainer.callbacks.append(recorder)
     return trainer, recorder
@@ -81,7 +82,7 @@ def resume(root: str, plans: dict) -> dict:
         trainer.fit()
         first_step = train.drawn[:micro_batches * trainer.cfg.trainer.micro_batch_size]
         results[plan] = {"losses": recorder.losses, "resumed_at": resumed_at, "first_step": first_step,
-                         "lr": trainer.engine.get_lr()[0]}
+                         "lr": trainer.engine.lr()}
     return results
 
 
@@ -182,7 +183,7 @@ def test_moments_matter(sources, single_process_groups, tmp_path):
             m.zero_()
     from parallel.engine_state import canonical_parameters, write_state
 
-    write_state(trainer.engine, canonical_parameters(trainer.engine.module, 4), state.weights.__getitem__,
+    write_state(trainer.engine.deepspeed, canonical_parameters(trainer.engine.module, 4), state.weights.__getitem__,
                 lambda name, key: state.moments[key][name], 0, 0, 1)
     trainer.fit()
     # Step 4's loss comes before its update; step 5's shows the update's moments.

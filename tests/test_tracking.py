@@ -16,7 +16,8 @@ from types import SimpleNamespace
 import pytest
 
 from conftest import TINY, run_pretrain
-from pretrain.training.callbacks import ConsoleProgress, TensorBoardSink, WandbSink
+from pretrain.training.callbacks import ConsoleProgress
+from pretrain.training.sinks import TensorBoardSink, WandbSink
 from pretrain.config import ConfigError, ModelConfig
 from pretrain.training.flops import FlopsMeter, flops_per_token, matmul_params, peak_for_name
 
@@ -207,12 +208,9 @@ def test_tensorboard_sink_writes_scalars_and_text(tmp_path):
 
 
 def compose(*overrides: str):
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from pretrain.hydra_config import compose_config
 
-    from pretrain.main import CONFIG_DIR, to_config
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return to_config(hydra_compose(config_name="config", overrides=list(overrides)))
+    return compose_config(list(overrides))
 
 
 def test_logger_configs():
@@ -262,12 +260,12 @@ def test_peak_flops_table_and_configured_peak():
 
 
 def test_loss_scale_is_reported_for_fp16_only():
-    from pretrain.training.callbacks import loss_scale
+    from parallel.engine import Engine
 
-    engine = lambda fp16, scale: SimpleNamespace(fp16_enabled=lambda: fp16,  # noqa: E731
-                                                 optimizer=SimpleNamespace(loss_scale=scale))
-    assert loss_scale(engine(True, 65536)) == {"loss_scale": 65536.0}
-    assert loss_scale(engine(False, None)) == {}
+    engine = lambda fp16, scale: Engine(SimpleNamespace(fp16_enabled=lambda: fp16,  # noqa: E731
+                                                        optimizer=SimpleNamespace(loss_scale=scale)), "cpu")
+    assert engine(True, 65536).loss_scale() == {"loss_scale": 65536.0}
+    assert engine(False, None).loss_scale() == {}
 
 
 # --- console progress ----------------------------------------------------------------------

@@ -11,7 +11,8 @@ from parallel.memory_plan import RankMemory
 from pretrain.hydra_config import compose_config
 from pretrain.training.memory_plan import plan_memory
 
-PROG = "pretrain-plan"
+# Errors are reported as `pretrain` reports them: the plan reads the same config tree.
+PROG = "pretrain"
 
 
 def format_plan(rows: list[tuple[str, int, RankMemory]]) -> str:
@@ -26,7 +27,7 @@ def format_plan(rows: list[tuple[str, int, RankMemory]]) -> str:
 
 def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
-        prog=PROG,
+        prog="pretrain-plan",
         description="Bytes of parameters, gradients and optimizer states per rank, predicted "
                     "for a config without allocating anything. Takes the same overrides as pretrain.",
     )
