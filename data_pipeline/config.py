@@ -65,16 +65,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         require(len(self.sources) > 0, "data.sources: expected at least one path or 'stdlib'")
         require(self.streaming_workers >= 0,
-                 f"data.streaming_workers={self.streaming_workers}: expected >= 0")
+                f"data.streaming_workers={self.streaming_workers}: expected >= 0")
         require(not (self.streaming and self.blend),
-                 "data.streaming=true with data.blend: expected one of them (a blend mixes preprocessed corpora)")
+                "data.streaming=true with data.blend: expected one of them (a blend mixes preprocessed corpora)")
         require(self.seq_len > 0, f"data.seq_len={self.seq_len}: expected > 0")
         require(0 < self.valid_fraction < 1,
-                 f"data.valid_fraction={self.valid_fraction}: expected between 0 and 1")
+                f"data.valid_fraction={self.valid_fraction}: expected between 0 and 1")
         require(self.num_shards >= 1, f"data.num_shards={self.num_shards}: expected >= 1")
         require(self.min_chars >= 0 and self.max_chars >= 0,
-                 "data.min_chars, data.max_chars: expected >= 0")
+                "data.min_chars, data.max_chars: expected >= 0")
         for i, entry in enumerate(self.blend):
             require(entry.weight >= 0, f"data.blend[{i}].weight={entry.weight}: expected >= 0")
         require(not self.blend or sum(e.weight for e in self.blend) > 0,
-                 "data.blend: expected a positive total weight")
+                "data.blend: expected a positive total weight")

@@ -23,7 +23,7 @@ def _positive(obj, *keys: str) -> None:
 def host_port(key: str, value: str) -> tuple[str, int]:
     host, sep, port = value.rpartition(":")
     require(bool(sep) and bool(host) and port.isdigit() and 0 < int(port) < 65536,
-             f"launcher.{key}={value}: expected HOST:PORT")
+            f"launcher.{key}={value}: expected HOST:PORT")
     return host.strip("[]"), int(port)
 
 
@@ -70,16 +70,16 @@ class TorchrunLauncher:
         if self.rdzv_endpoint is not None:
             host_port("rdzv_endpoint", self.rdzv_endpoint)
             require(self.node_rank is None and self.master_addr is None,
-                     "launcher.rdzv_endpoint with launcher.node_rank/master_addr: expected either "
-                     "a c10d endpoint or static node ranks, not both")
+                    "launcher.rdzv_endpoint with launcher.node_rank/master_addr: expected either "
+                    "a c10d endpoint or static node ranks, not both")
         elif self.nnodes > 1:
             require(self.master_addr is not None and self.node_rank is not None,
-                     f"launcher.nnodes={self.nnodes}: expected launcher.rdzv_endpoint=HOST:PORT "
-                     "(c10d) or launcher.master_addr and launcher.node_rank (static)")
+                    f"launcher.nnodes={self.nnodes}: expected launcher.rdzv_endpoint=HOST:PORT "
+                    "(c10d) or launcher.master_addr and launcher.node_rank (static)")
         if self.node_rank is not None:
             require(0 <= self.node_rank < self.nnodes,
-                     f"launcher.node_rank={self.node_rank}: expected 0 <= node_rank < "
-                     f"launcher.nnodes={self.nnodes}")
+                    f"launcher.node_rank={self.node_rank}: expected 0 <= node_rank < "
+                    f"launcher.nnodes={self.nnodes}")
 
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
@@ -101,7 +101,7 @@ class DeepSpeedLauncher:
     def __post_init__(self) -> None:
         _positive(self, "nproc_per_node")
         require(not (self.include and self.exclude),
-                 "launcher.include with launcher.exclude: expected at most one of them")
+                "launcher.include with launcher.exclude: expected at most one of them")
 
 
 SLURM_TIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -156,15 +156,15 @@ class SlurmLauncher:
         require(self.gpus_per_node >= 0, f"launcher.gpus_per_node={self.gpus_per_node}: expected >= 0")
         require(self.max_restarts >= 0, f"launcher.max_restarts={self.max_restarts}: expected >= 0")
         require(bool(re.fullmatch(r"[\w.+-]+", self.job_name)),
-                 f"launcher.job_name={self.job_name}: expected letters, digits and ._+-")
+                f"launcher.job_name={self.job_name}: expected letters, digits and ._+-")
         limit = slurm_seconds(self.time)
         require(0 <= self.signal_seconds <= 65535,
-                 f"launcher.signal_seconds={self.signal_seconds}: expected 0 to 65535 (Slurm's limit)")
+                f"launcher.signal_seconds={self.signal_seconds}: expected 0 to 65535 (Slurm's limit)")
         require(limit is None or self.signal_seconds < limit,
-                 f"launcher.signal_seconds={self.signal_seconds}: expected less than "
-                 f"launcher.time={self.time} ({limit} s)")
+                f"launcher.signal_seconds={self.signal_seconds}: expected less than "
+                f"launcher.time={self.time} ({limit} s)")
         require(0 <= self.save_wait_seconds,
-                 f"launcher.save_wait_seconds={self.save_wait_seconds}: expected >= 0")
+                f"launcher.save_wait_seconds={self.save_wait_seconds}: expected >= 0")
         for line in self.directives:
             require(line.startswith("--"), f"launcher.directives: {line!r}: expected an sbatch option (--...)")
         if self.rdzv_port is not None:

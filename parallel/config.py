@@ -31,21 +31,21 @@ class ParallelConfig:
     def __post_init__(self) -> None:
         require(self.tensor >= 1, f"parallel.tensor={self.tensor}: expected >= 1")
         require(0 <= self.fp16_initial_scale_power <= 64,
-                 f"parallel.fp16_initial_scale_power={self.fp16_initial_scale_power}: expected 0 to 64")
+                f"parallel.fp16_initial_scale_power={self.fp16_initial_scale_power}: expected 0 to 64")
         for key in ("fp16_loss_scale_window", "fp16_hysteresis"):
             require(getattr(self, key) >= 1, f"parallel.{key}={getattr(self, key)}: expected >= 1")
         require(not (self.offload_optimizer and self.zero_stage == 0),
-                 "parallel.offload_optimizer=true: expected parallel.zero_stage >= 1 "
-                 "(DeepSpeed offloads ZeRO's optimizer partitions)")
+                "parallel.offload_optimizer=true: expected parallel.zero_stage >= 1 "
+                "(DeepSpeed offloads ZeRO's optimizer partitions)")
         require(self.pipeline >= 1, f"parallel.pipeline={self.pipeline}: expected >= 1")
         require(self.zero_stage in (0, 1, 2, 3),
-                 f"parallel.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
+                f"parallel.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
         require(not (self.pipeline > 1 and self.zero_stage > 1),
-                 f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: "
-                 "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
+                f"parallel.zero_stage={self.zero_stage} with parallel.pipeline={self.pipeline}: "
+                "DeepSpeed's pipeline engine supports ZeRO stage 0 or 1 only")
         require(not (self.pipeline > 1 and self.precision == "bf16" and self.zero_stage == 0),
-                 f"parallel.precision=bf16 with parallel.pipeline={self.pipeline}: expected "
-                 "parallel.zero_stage=1 (DeepSpeed's pipeline engine reloads bf16 optimizer "
-                 "state only under ZeRO)")
+                f"parallel.precision=bf16 with parallel.pipeline={self.pipeline}: expected "
+                "parallel.zero_stage=1 (DeepSpeed's pipeline engine reloads bf16 optimizer "
+                "state only under ZeRO)")
         require(not (self.sequence_parallel and self.tensor == 1),
-                 "parallel.sequence_parallel=true: expected parallel.tensor > 1")
+                "parallel.sequence_parallel=true: expected parallel.tensor > 1")

@@ -85,7 +85,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         require(self.init_from is None or self.init_from.strip() != "",
-                 "trainer.init_from='': expected a path or null")
+                "trainer.init_from='': expected a path or null")
         for key in ("train_steps", "micro_batch_size", "global_batch_size", "eval_batches",
                     "log_interval"):
             require(getattr(self, key) > 0, f"trainer.{key}={getattr(self, key)}: expected > 0")
@@ -109,7 +109,7 @@ class LoggerConfig:
 
     def __post_init__(self) -> None:
         require(self.peak_flops is None or self.peak_flops > 0,
-                 f"logger.peak_flops={self.peak_flops}: expected > 0 or null")
+                f"logger.peak_flops={self.peak_flops}: expected > 0 or null")
 
 
 @dataclass
@@ -127,26 +127,26 @@ class Config:
             f"data.seq_len={self.data.seq_len}: expected at most model.max_seq_len={self.model.max_seq_len}",
         )
         require(not (self.trainer.compile == "model" and self.parallel.pipeline > 1),
-                 "trainer.compile=model with parallel.pipeline > 1: expected trainer.compile=layers "
-                 "(pipeline stages are separate modules)")
+                "trainer.compile=model with parallel.pipeline > 1: expected trainer.compile=layers "
+                "(pipeline stages are separate modules)")
 
     def validate_world(self, world_size: int) -> int:
         """Checks the parallel layout against the world; returns the data-parallel size."""
         m, p, t = self.model, self.parallel, self.trainer
         model_parallel = p.tensor * p.pipeline
         require(world_size % model_parallel == 0,
-                 f"world size {world_size}: expected a multiple of parallel.tensor x parallel.pipeline "
-                 f"= {model_parallel}")
+                f"world size {world_size}: expected a multiple of parallel.tensor x parallel.pipeline "
+                f"= {model_parallel}")
         for key in ("num_attention_heads", "ffn_hidden_size"):
             require(getattr(m, key) % p.tensor == 0,
-                     f"model.{key}={getattr(m, key)}: expected a multiple of parallel.tensor={p.tensor}")
+                    f"model.{key}={getattr(m, key)}: expected a multiple of parallel.tensor={p.tensor}")
         require(m.query_groups % p.tensor == 0,
-                 f"model.num_query_groups={m.query_groups}: expected a multiple of parallel.tensor={p.tensor}")
+                f"model.num_query_groups={m.query_groups}: expected a multiple of parallel.tensor={p.tensor}")
         require(m.num_layers >= p.pipeline,
-                 f"model.num_layers={m.num_layers}: expected at least parallel.pipeline={p.pipeline}")
+                f"model.num_layers={m.num_layers}: expected at least parallel.pipeline={p.pipeline}")
         data_parallel = world_size // model_parallel
         per_step = t.micro_batch_size * data_parallel
         require(t.global_batch_size % per_step == 0,
-                 f"trainer.global_batch_size={t.global_batch_size}: expected a multiple of "
-                 f"micro_batch_size x data-parallel size = {per_step}")
+                f"trainer.global_batch_size={t.global_batch_size}: expected a multiple of "
+                f"micro_batch_size x data-parallel size = {per_step}")
         return data_parallel

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from common.errors import UserError
+from common.errors import UserError, first_line
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # the tag of the newest complete checkpoint, for tools that read a pointer
@@ -224,8 +224,7 @@ def load(engine, path: Path) -> dict:
     try:
         loaded, client_state = engine.load_checkpoint(str(path.parent), tag=path.name)
     except Exception as err:  # DeepSpeed reports a bad file in many ways
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise RunDirError(f"{path}: cannot load this checkpoint ({type(err).__name__}: {first})") from err
+        raise RunDirError(f"{path}: cannot load this checkpoint ({type(err).__name__}: {first_line(err)})") from err
     if loaded is None:
         raise RunDirError(f"{path}: DeepSpeed could not load this checkpoint")
     return client_state
