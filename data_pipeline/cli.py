@@ -16,7 +16,7 @@ import os
 import sys
 import warnings
 
-from common.errors import EXIT_BAD_INPUT, UserError, fail, first_line  # noqa: F401 (EXIT_BAD_INPUT: re-exported)
+from common.errors import UserError, fail, first_line
 from data_pipeline.cleaning import CleaningConfig, Report
 
 

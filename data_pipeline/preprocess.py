@@ -44,6 +44,7 @@ from data_pipeline.cleaning import (
 )
 from data_pipeline.indexed import ShardWriter, token_dtype
 from data_pipeline.line_encoding import LineGroupEncoder
+from data_pipeline.node_dedup import load_node_hashes, node_hashes_path, other_nodes_first, save_node_hashes
 from data_pipeline.ordered_pool import OrderedPool
 from data_pipeline.sources import Input, node_share, read_records, resolve_inputs
 from data_pipeline.tokenizer import Tokenizer
@@ -296,11 +297,7 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: st
     return manifest
 
 
-# --- cross-node deduplication ----------------------------------------------------------------
-
-def node_hashes_path(output: Path, node_rank: int, num_nodes: int) -> Path:
-    return output / f"dedup-{node_rank:03d}-of-{num_nodes:03d}.npz"
-
+# --- cross-node deduplication (the hash files: `node_dedup`) ----------------------------------
 
 def _job_key(job: PreprocessJob, inputs: list[Input]) -> str:
     """What a hashes file depends on: the inputs, their split over nodes, cleaning and budget."""
@@ -314,65 +311,21 @@ def _write_node_hashes(job: PreprocessJob, inputs: list[Input], mine: list[int],
                        pool: OrderedPool, ahead: int, log: Callable[[str], None]) -> Path:
     """Phase one: every document hash of this node's share with the first input holding it."""
     path = node_hashes_path(output, job.node_rank, job.num_nodes)
-    if path.is_file() and _load_node_hashes(path, _job_key(job, inputs)) is not None:
+    if path.is_file() and load_node_hashes(path, _job_key(job, inputs)) is not None:
         return path  # written by an earlier run of this node
     first: dict[bytes, int] = {}
     for digests, sources in pool.imap(_hash_chunk, _chunks(inputs, mine, job, set()), ahead):
         for digest, source in zip(digests, sources):
             first.setdefault(digest, source)  # chunks arrive in input order
-    hashes = np.frombuffer(b"".join(first), dtype=np.uint8).reshape(-1, 16)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        np.savez(f, hashes=hashes, inputs=np.fromiter(first.values(), dtype=np.int64, count=len(first)),
-                 key=np.array(_job_key(job, inputs)))
-    os.replace(tmp, path)
+    save_node_hashes(path, first, _job_key(job, inputs))
     log(f"preprocess: {len(first):,} document hashes of node {job.node_rank} written to {path}")
     return path
-
-
-def _load_node_hashes(path: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
-    """(hashes as 16-byte keys, first inputs), or None when the file belongs to another job."""
-    with np.load(path) as data:
-        if str(data["key"]) != key:
-            return None
-        hashes = np.ascontiguousarray(data["hashes"]).view("V16").ravel()
-        return hashes, data["inputs"]
 
 
 def _other_nodes_first(job: PreprocessJob, inputs: list[Input], output: Path,
                        log: Callable[[str], None]) -> set[bytes]:
     """Phase two: hashes of this node's documents that another node has in an earlier input."""
-    key = _job_key(job, inputs)
-    paths = [node_hashes_path(output, k, job.num_nodes) for k in range(job.num_nodes)]
-    deadline = time.monotonic() + job.node_wait_s
-    missing = [p for p in paths if not p.is_file()]
-    if missing:
-        log(f"preprocess: waiting for the document hashes of {len(missing)} other node(s) ({missing[0].name}, ...)")
-    while missing:  # the other nodes write theirs before they encode anything
-        if time.monotonic() > deadline:
-            raise DataError(f"{missing[0]}: not written by its node within {job.node_wait_s:g} s; start every "
-                            f"node of the job (or run `--phase hashes` for each first)")
-        time.sleep(min(1.0, job.node_wait_s))
-        missing = [p for p in paths if not p.is_file()]
-    loaded = []
-    for path in paths:
-        found = _load_node_hashes(path, key)
-        if found is None:
-            raise DataError(f"{path}: written for another job (other inputs, cleaning or node count); "
-                            "delete it and rerun that node")
-        loaded.append(found)
-    own_hashes, own_inputs = loaded[job.node_rank]
-    others = [x for k, x in enumerate(loaded) if k != job.node_rank]
-    other_hashes = np.concatenate([h for h, _ in others])
-    if not len(other_hashes) or not len(own_hashes):
-        return set()
-    other_inputs = np.concatenate([i for _, i in others])
-    order = np.argsort(other_hashes, kind="stable")
-    unique, starts = np.unique(other_hashes[order], return_index=True)
-    earliest = np.minimum.reduceat(other_inputs[order], starts)  # a hash's first input over the other nodes
-    where = np.searchsorted(unique, own_hashes).clip(max=len(unique) - 1)
-    drop = (unique[where] == own_hashes) & (earliest[where] < own_inputs)
-    return {h.tobytes() for h in own_hashes[drop]}
+    return other_nodes_first(output, _job_key(job, inputs), job.node_rank, job.num_nodes, job.node_wait_s, log)
 
 
 def _append(state: dict, dedup: Deduplicator, report: Report, sizes: list[int],
