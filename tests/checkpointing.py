@@ -7,7 +7,7 @@ import torch
 from parity import VOCAB, PatternTokens, layout_config
 
 
-def make_trainer(topology, run_dir: Path, **trainer_keys):
+def make_trainer(topology, run_dir: Path, triggers=None, **trainer_keys):
     from data_pipeline.training_data import TrainingData
     from pretrain.training.build import build_trainer
 
@@ -16,7 +16,8 @@ def make_trainer(topology, run_dir: Path, **trainer_keys):
     cfg.trainer.eval_interval = 0
     for key, value in trainer_keys.items():
         setattr(cfg.trainer, key, value)
-    return build_trainer(cfg, topology, TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB))
+    return build_trainer(cfg, topology, TrainingData(train=PatternTokens(), valid=PatternTokens(), vocab_size=VOCAB),
+                         triggers)
 
 
 class Record:

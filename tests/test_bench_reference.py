@@ -2,6 +2,7 @@
 product model's losses and gradients, the compiled product model computes the eager
 one's, and the fused AdamW the product uses on CPU makes the multi-tensor one's update."""
 
+import pytest
 import torch
 
 from bench.reference_llama import ReferenceLlama
@@ -46,6 +47,7 @@ def test_reference_matches_the_product_model(single_process_groups):
         torch.testing.assert_close(reference_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # inductor builds its CPU kernels with the C++ compiler, in processes
 def test_compiled_model_matches_eager(single_process_groups):
     eager, compiled = product_model(), product_model()
     compiled.compile()  # what trainer.compile=model does to the engine's module

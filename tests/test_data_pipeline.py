@@ -90,6 +90,7 @@ def shards(corpus_dir, tokenizer, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.slow  # preprocess() runs its worker processes
 def test_round_trip_and_report(corpus_dir, tokenizer, shards):
     corpus = open_corpus(shards, tokenizer)
     decoded = []
@@ -111,6 +112,7 @@ def test_round_trip_and_report(corpus_dir, tokenizer, shards):
     assert report["normalize"]["bytes_out"] == report["normalize"]["bytes_in"] - 2  # e + U+0301 → é, twice
 
 
+@pytest.mark.slow  # preprocess() runs its worker processes
 def test_same_shards_whatever_the_workers_and_rerun_skips_finished(corpus_dir, tokenizer, shards, tmp_path):
     job = PreprocessJob([str(corpus_dir)], str(tokenizer.path), str(tmp_path), num_shards=3, workers=1,
                         chunk_bytes=999_999)
@@ -133,6 +135,7 @@ def test_same_shards_whatever_the_workers_and_rerun_skips_finished(corpus_dir, t
     assert not list(tmp_path.glob(".*tmp*"))
 
 
+@pytest.mark.slow  # preprocess() runs its worker processes
 def test_node_shares_cover_the_inputs_once(corpus_dir, tokenizer, shards, tmp_path):
     jobs = [PreprocessJob([str(corpus_dir)], str(tokenizer.path), str(tmp_path), num_shards=2,
                           workers=1, node_rank=k, num_nodes=2) for k in range(2)]
@@ -155,6 +158,7 @@ def test_node_shares_cover_the_inputs_once(corpus_dir, tokenizer, shards, tmp_pa
         sorted(tuple(one_node.get(i)) for i in range(one_node.num_documents))
 
 
+@pytest.mark.slow  # preprocess() runs its worker processes
 def test_dedup_is_global_across_nodes_and_workers(tokenizer, tmp_path):
     """Duplicates spread over six inputs, three nodes and two workers per node (small chunks)."""
     docs = make_docs(120, seed=5)
@@ -186,6 +190,7 @@ def test_dedup_is_global_across_nodes_and_workers(tokenizer, tmp_path):
     assert not (tmp_path / "lonely" / "manifest-000-of-002.json").exists()
 
 
+@pytest.mark.slow  # preprocess() runs its worker processes
 def test_parquet_saved_dataset_and_builder_inputs(tokenizer, tmp_path):
     import datasets
     import pyarrow as pa
@@ -227,6 +232,7 @@ def datasets_pair(shards, tokenizer):
     return corpus, PackedSequenceDataset(corpus, 32, seed=7, documents=train_docs)
 
 
+@pytest.mark.slow  # the `shards` fixture: preprocess() runs its worker processes
 def test_data_parallel_sharding_covers_every_sample_once(datasets_pair):
     _, dataset = datasets_pair
     global_batch, steps = 12, 5
@@ -245,6 +251,7 @@ def test_data_parallel_sharding_covers_every_sample_once(datasets_pair):
         assert sorted(seen) == reference
 
 
+@pytest.mark.slow  # the `shards` fixture: preprocess() runs its worker processes
 def test_loader_resumes_exactly_and_across_data_parallel_sizes(datasets_pair):
     _, dataset = datasets_pair
     straight = DataParallelLoader(dataset, 4, 1, 2)
@@ -267,6 +274,7 @@ def test_loader_resumes_exactly_and_across_data_parallel_sizes(datasets_pair):
     assert sorted(seen) == sorted(tuple(dataset[i][:-1]) for i in range(16, 24))
 
 
+@pytest.mark.slow  # the `shards` fixture: preprocess() runs its worker processes
 def test_blend_ratios_and_shuffle_is_seeded(datasets_pair, shards, tokenizer):
     corpus, a = datasets_pair
     b = PackedSequenceDataset(corpus, 32, seed=8)
@@ -307,6 +315,7 @@ def one_error(result) -> str:
     return lines[0]
 
 
+@pytest.mark.slow  # `pretrain-data` processes
 def test_cli_end_to_end_and_missing_input(corpus_dir, tmp_path):
     ok = cli("tokenizer", str(corpus_dir), "--output", str(tmp_path / "t.model"),
              "--vocab-size", "300", "--vocab-multiple", "64", "--tensor-parallel", "2", cwd=tmp_path)
@@ -319,6 +328,7 @@ def test_cli_end_to_end_and_missing_input(corpus_dir, tmp_path):
     assert "nope*.jsonl: no such file" in one_error(missing) and not (tmp_path / "never").exists()
 
 
+@pytest.mark.slow  # preprocess() runs its worker processes
 def test_empty_after_filtering_and_undecodable_as_error(corpus_dir, tokenizer, tmp_path):
     out = tmp_path / "empty"
     with pytest.raises(DataError, match="f.jsonl: no non-empty documents"):
@@ -332,6 +342,7 @@ def test_empty_after_filtering_and_undecodable_as_error(corpus_dir, tokenizer, t
     assert not (out / "manifest.json").exists() and not list(out.glob(".*tmp*"))
 
 
+@pytest.mark.slow  # a `pretrain-data` process, and the `shards` fixture's workers
 def test_truncated_mismatched_shards_and_foreign_tokenizer(corpus_dir, shards, tokenizer, tmp_path):
     import shutil
 

@@ -25,6 +25,9 @@ INIT_STEPS = 3
 FP32_RTOL = 1e-5
 
 
+pytestmark = pytest.mark.slow  # every test reads a `pretrain` run, the `pretrain-export` process or a two-rank group
+
+
 def run_export(*args: str):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
     return subprocess.run([sys.executable, "-m", "pretrain.hf.export", *args], cwd=REPO, env=env,

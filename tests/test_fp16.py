@@ -180,6 +180,7 @@ def fp16_tolerances(parity) -> list[float]:
     return [max(FP16_MIN_RTOL, 3 * abs(h - f) / abs(f)) for f, h in zip(fp32, fp16, strict=True)]
 
 
+@pytest.mark.slow  # the one- and two-process groups of the `groups` fixture
 def test_fp16_stays_close_to_fp32_and_learns(single):
     parity = single["parity"]
     print("one-process fp32:", parity["fp32"]["losses"])
@@ -192,6 +193,7 @@ def test_fp16_stays_close_to_fp32_and_learns(single):
 
 @pytest.mark.parametrize("world,layout", [("single", "fp16_zero2"), ("single", "fp16_zero3")]
                          + [("two", name) for name in TWO_RANKS])
+@pytest.mark.slow  # the one- and two-process groups of the `groups` fixture
 def test_layout_matches_the_one_process_fp16_run(groups, single, world, layout):
     reference, rtols = single["parity"]["fp16"]["losses"], fp16_tolerances(single["parity"])
     for rank_result in groups[world]:
@@ -204,6 +206,7 @@ def test_layout_matches_the_one_process_fp16_run(groups, single, world, layout):
 
 
 @pytest.mark.parametrize("world", ["single", "two"])
+@pytest.mark.slow  # the one- and two-process groups of the `groups` fixture
 def test_overflowing_steps_are_skipped_and_the_scale_halves(groups, world):
     runs = [r["overflow"] for r in groups[world]]
     # Pipeline stages hold disjoint parameters: the update's norm adds over them.
@@ -243,6 +246,7 @@ def test_overflowing_steps_are_skipped_and_the_scale_halves(groups, world):
 
 
 @pytest.mark.parametrize("world", ["single", "two"])
+@pytest.mark.slow  # the one- and two-process groups of the `groups` fixture
 def test_checkpoint_restores_the_loss_scaler(groups, world):
     runs = [r["resume"] for r in groups[world]]
     for run in runs:
@@ -257,6 +261,7 @@ def test_checkpoint_restores_the_loss_scaler(groups, world):
         assert run["same_weights"]
 
 
+@pytest.mark.slow  # the one- and two-process groups of the `groups` fixture
 def test_metrics_file_logs_the_loss_scale_and_skips(single):
     run = single["overflow"]
     records = [json.loads(line) for line in (Path(run["run_dir"]) / "metrics.jsonl").read_text().splitlines()]

@@ -181,6 +181,7 @@ def test_top_k_and_top_p_filtering():
 
 # --- `pretrain-generate` on a trained run ----------------------------------------------------
 
+@pytest.mark.slow  # the shared `pretrain` run (test_tracking.trained_run)
 def test_generate_cli_on_the_trained_run(tmp_path_factory, capsys):
     from test_tracking import trained_run
 

@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, assert_resumed_run_matches
+from conftest import TINY, assert_resumed_run_matches, missing_prerequisite
 
 LAUNCH = os.path.join(os.path.dirname(sys.executable), "pretrain-launch")
 STEPS, INTERVAL = 40, 10
+
+pytestmark = [pytest.mark.slow, pytest.mark.needs_root("network namespaces")]
 
 
 def ip(*args: str) -> None:
@@ -26,10 +28,8 @@ def ip(*args: str) -> None:
 @pytest.fixture
 def two_nodes():
     """Namespaces A (10.213.0.1) and B (10.213.0.2); yields [(namespace, address, interface)]."""
-    if os.geteuid() != 0:
-        pytest.skip("network namespaces need root")
     if shutil.which("ip") is None:
-        pytest.skip("the `ip` command (iproute2) is not installed")
+        missing_prerequisite("the `ip` command (iproute2) is not installed")
     tag = str(os.getpid() % 100000)
     nodes = [(f"ptl-a{tag}", "10.213.0.1", f"vpa{tag}"), (f"ptl-b{tag}", "10.213.0.2", f"vpb{tag}")]
     created = []
@@ -46,7 +46,7 @@ def two_nodes():
     except subprocess.CalledProcessError as err:
         for namespace in created:
             subprocess.run(["ip", "netns", "del", namespace], capture_output=True)
-        pytest.skip(f"cannot create network namespaces here: {err.stderr.strip()}")
+        missing_prerequisite(f"cannot create network namespaces here: {err.stderr.strip()}")
     yield nodes
     for namespace in created:  # deleting a namespace deletes its end of the veth pair
         subprocess.run(["ip", "netns", "del", namespace], capture_output=True, timeout=30)

@@ -14,6 +14,9 @@ COMMON = (*TINY, "trainer.train_steps=6", "trainer.eval_interval=0")
 LAUNCH = os.path.join(os.path.dirname(sys.executable), "pretrain-launch")
 
 
+pytestmark = pytest.mark.slow  # `pretrain` and `pretrain-launch` processes
+
+
 def step_losses(run_dir):
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in records if "loss" in r]

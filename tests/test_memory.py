@@ -87,6 +87,7 @@ def plan(*args):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow  # `pretrain-plan` processes
 def test_pretrain_plan_prints_a_table_per_rank_kind_for_8b_and_70b():
     result = plan("model=llama_8b", "model.vocab_size=128256", "parallel.tensor=8", "parallel.pipeline=2",
                   "parallel.zero_stage=1", "parallel.precision=bf16", "--world-size", "64")
@@ -107,6 +108,7 @@ def test_pretrain_plan_prints_a_table_per_rank_kind_for_8b_and_70b():
     assert kinds == ["pipeline stage 0", "pipeline stages 1-2", "pipeline stage 3"]
 
 
+@pytest.mark.slow  # `pretrain-plan` processes
 def test_pretrain_plan_bad_input_is_one_line():
     result = plan("model=llama_70b", "parallel.tensor=8", "parallel.pipeline=2", "--world-size", "60")
     assert result.returncode == 2
@@ -116,6 +118,7 @@ def test_pretrain_plan_bad_input_is_one_line():
     assert result.returncode == 2 and "model/llama_9b" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.slow  # a `pretrain` process
 def test_fp16_on_a_cpu_without_half_kernels_is_a_one_line_error(tmp_path):
     from deepspeed.accelerator import get_accelerator
 

@@ -102,6 +102,7 @@ def test_reference_updates_move_the_loss(reference):
 
 
 @pytest.mark.parametrize("layout", TWO_RANKS)
+@pytest.mark.slow  # the two-rank group (`two_ranks`)
 def test_two_rank_layout_matches_single_process(reference, two_ranks, layout):
     check_layout(reference, two_ranks, layout, TWO_RANKS[layout])
 
@@ -124,6 +125,7 @@ def four_ranks(tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", FOUR_RANKS)
+@pytest.mark.slow  # the four-rank group (`four_ranks`)
 def test_four_rank_layout_matches_single_process(reference, four_ranks, layout):
     check_layout(reference, four_ranks, layout, FOUR_RANKS[layout])
 
@@ -146,6 +148,7 @@ def consolidated_loss(run_dir) -> float:
 
 @pytest.mark.parametrize("world,layout", [("two", "tp2"), ("two", "pp2"), ("two", "dp2_zero3"),
                                           ("four", "tp2_pp2")])
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
 def test_checkpoints_of_every_layout_consolidate_to_the_same_model(reference, two_ranks, four_ranks,
                                                                     world, layout):
     # Adam amplifies rounding-level gradient differences in near-zero moments,
@@ -165,6 +168,7 @@ CHECKPOINTED = [("single", "full_checkpointing", 4), ("single", "zero1_selective
 
 
 @pytest.mark.parametrize("world,layout,per_rank", CHECKPOINTED)
+@pytest.mark.slow  # the two-rank group (`two_ranks`)
 def test_activation_checkpointing_wraps_every_layer(reference, two_ranks, world, layout, per_rank):
     # The losses above equal the reference's; this checks the recomputation was really on
     # (4 layers in one process, 2 per pipeline stage).
@@ -191,6 +195,7 @@ def check_memory(result):
 
 @pytest.mark.parametrize("world,layout", [("single", name) for name in SINGLE]
                          + [("two", name) for name in TWO_RANKS] + [("four", name) for name in FOUR_RANKS])
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
 def test_memory_plan_predicts_what_each_rank_allocates(reference, two_ranks, four_ranks, world, layout):
     results = {"single": [reference], "two": two_ranks, "four": four_ranks}[world]
     for rank_result in results:
@@ -215,6 +220,7 @@ def tied_results(two_ranks, four_ranks, world, layout) -> list[dict]:
 
 
 @pytest.mark.parametrize("world,layout", TIED_LAYOUTS)
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
 def test_tied_pipeline_layout_matches_the_single_process_tied_model(tied_reference, two_ranks, four_ranks,
                                                                     world, layout):
     for result in tied_results(two_ranks, four_ranks, world, layout):
@@ -231,6 +237,7 @@ def test_tying_changes_the_model(reference, tied_reference):
 
 
 @pytest.mark.parametrize("world,layout", TIED_LAYOUTS)
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
 def test_tied_embedding_is_the_same_on_first_and_last_stage(two_ranks, four_ranks, world, layout):
     import numpy as np
 
@@ -246,6 +253,7 @@ def test_tied_embedding_is_the_same_on_first_and_last_stage(two_ranks, four_rank
 
 
 @pytest.mark.parametrize("world,layout", TIED_LAYOUTS)
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
 def test_tied_pipeline_checkpoint_consolidates_to_the_single_process_model(tied_reference, two_ranks,
                                                                           four_ranks, world, layout):
     from pretrain.checkpoint.consolidate import load_checkpoint
@@ -257,6 +265,7 @@ def test_tied_pipeline_checkpoint_consolidates_to_the_single_process_model(tied_
     assert consolidated_loss(ROOTS[world] / layout) == pytest.approx(expected, rel=1e-4)
 
 
+@pytest.mark.slow  # the two-rank group (`two_ranks`)
 def test_tied_pipeline_checkpoint_resumes_in_one_process(tied_reference, two_ranks, tmp_path):
     # Resharded from PP=2 to one process: the next step equals the one the PP=2 run took.
     from parity import resumed_step
@@ -274,6 +283,7 @@ def eod_reference(single_process_groups, tmp_path_factory):
 
 
 @pytest.mark.parametrize("layout", EOD_TWO_RANKS)
+@pytest.mark.slow  # the two-rank group (`two_ranks`)
 def test_pipeline_with_end_of_document_options_matches_single_process(eod_reference, two_ranks, layout):
     # Had a stage dropped the position ids or the attention mask, or the loss its mask, the
     # losses would part from the one-process run's, which applies all three.

@@ -13,6 +13,9 @@ import pytest
 from test_tracking import trained_run
 
 
+pytestmark = pytest.mark.slow  # the shared `pretrain` run and the console scripts' processes
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     return trained_run(tmp_path_factory)

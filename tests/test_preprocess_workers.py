@@ -39,6 +39,7 @@ def _square(x):
     return x * x
 
 
+@pytest.mark.slow  # forks the pool's worker processes
 def test_results_come_in_task_order_across_calls():
     pool = OrderedPool(CTX, 3, _no_init, ())
     try:
@@ -55,6 +56,7 @@ def test_results_come_in_task_order_across_calls():
     ("exit", WorkerDied, "exited with code 3"),
     ("kill", WorkerDied, f"exited with code -{signal.SIGKILL.value}"),
 ])
+@pytest.mark.slow  # forks the pool's worker processes
 def test_a_failing_task_or_dead_worker_is_an_error_not_a_hang(item, error, message):
     pool = OrderedPool(CTX, 2, _no_init, ())
     try:
@@ -64,6 +66,7 @@ def test_a_failing_task_or_dead_worker_is_an_error_not_a_hang(item, error, messa
         pool.terminate()
 
 
+@pytest.mark.slow  # forks the pool's worker processes
 def test_a_failing_initializer_is_an_error():
     pool = OrderedPool(CTX, 2, _failing_init, ())
     try:

@@ -8,6 +8,9 @@ import pytest
 from conftest import TINY, run_pretrain
 
 
+pytestmark = pytest.mark.slow  # `pretrain` processes
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("pretrain")

@@ -28,6 +28,9 @@ SOURCES = {
 }
 
 
+pytestmark = pytest.mark.slow  # every test reads the checkpoints of two- and four-rank groups
+
+
 class RecordingTokens(PatternTokens):
     """Synthetic samples that remember which global sample indices were drawn."""
 

@@ -30,6 +30,9 @@ COMMON = (*TINY, "trainer.eval_interval=0", "trainer.log_interval=1", "trainer.c
 ENV = {"OMP_NUM_THREADS": "1"}
 
 
+pytestmark = pytest.mark.slow  # `pretrain` processes, killed and signalled, and a two-rank group
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_data_cache) -> Path:
     path = tmp_path_factory.mktemp("resume")
@@ -179,6 +182,7 @@ def two_rank_resumes(root: str) -> dict:
     from checkpointing import make_trainer, train, weights
     from parallel.groups import init_process_groups
     from pretrain.checkpoint import files as checkpoint
+    from pretrain.training.preemption import SaveTriggers
 
     topology = init_process_groups(1, 1, torch.device("cpu"))
     straight = train(make_trainer(topology, Path(root) / "straight", zero=1), 6)
@@ -187,13 +191,14 @@ def two_rank_resumes(root: str) -> dict:
     if topology.rank == 0:  # the save of step 5 never finished
         (run_dir / "checkpoints" / "step_0000005" / checkpoint.COMPLETE).unlink()
     dist.barrier()
-    resumed = make_trainer(topology, run_dir, zero=1)
-    resumed.triggers.install()
+    triggers = SaveTriggers(0, 0, topology.device)  # the signal handlers of the resumed run
+    resumed = make_trainer(topology, run_dir, triggers, zero=1)
+    triggers.install()
     resumed.callbacks.insert(0, SignalOnce(step=4, rank=1, signum=signal.SIGUSR1))
     resumed.load_checkpoint(checkpoint.resolve_resume(str(run_dir), "auto"))
     start = resumed.state.step
     record = train(resumed, 6)
-    resumed.triggers.uninstall()
+    triggers.uninstall()
     return {
         "start": start,
         "straight": [m["loss"] for m in straight.metrics],

@@ -58,6 +58,9 @@ LAYOUTS = {
 }
 
 
+pytestmark = pytest.mark.slow  # `pretrain` and torchrun processes, killed
+
+
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory, tiny_data_cache) -> Path:
     print(f"kill steps drawn with PRETRAIN_RESUME_SEED={SEED}")

@@ -3,8 +3,9 @@ rendered sbatch script, the job trains and checkpoints; USR1 (as before a time l
 makes the job checkpoint and requeue itself, `scontrol requeue` from outside does the
 same, and each rerun resumes to the same final step.
 
-Installs Debian's slurm-wlm and munge with apt where they are missing; skips only
-without root or apt. The daemons it starts are stopped by their pids."""
+Installs Debian's slurm-wlm and munge with apt where they are missing; skips without
+root, apt or the packages, except under CI (CI=true), where that is a failure (see
+conftest.missing_prerequisite). The daemons it starts are stopped by their pids."""
 
 import os
 import re
@@ -17,20 +18,21 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, assert_resumed_run_matches
+from common.net import free_port
+from conftest import TINY, assert_resumed_run_matches, missing_prerequisite
 
 LAUNCH = os.path.join(os.path.dirname(sys.executable), "pretrain-launch")
 STEPS, INTERVAL = 200, 10
 DAEMONS = ("slurmctld", "slurmd", "sbatch", "munged")
 
+pytestmark = [pytest.mark.slow, pytest.mark.needs_root("installing and running Slurm's daemons")]
+
 
 def install_slurm() -> None:
     if all(shutil.which(d) or Path(f"/usr/sbin/{d}").exists() for d in DAEMONS):
         return
-    if os.geteuid() != 0:
-        pytest.skip("installing and running Slurm's daemons needs root")
     if shutil.which("apt-get") is None:
-        pytest.skip("Slurm is not installed and apt-get is not available to install it")
+        missing_prerequisite("Slurm is not installed and apt-get is not available to install it")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "slurm-wlm", "munge"]
     result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
@@ -38,13 +40,7 @@ def install_slurm() -> None:
         subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=300)
         result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
     if result.returncode != 0:
-        pytest.skip(f"apt-get could not install slurm-wlm and munge: {result.stderr.strip()[-300:]}")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        missing_prerequisite(f"apt-get could not install slurm-wlm and munge: {result.stderr.strip()[-300:]}")
 
 
 def munge_works() -> bool:
@@ -68,8 +64,6 @@ def wait_until(condition, timeout: float, what: str):
 @pytest.fixture(scope="module")
 def slurm(tmp_path_factory):
     """A one-node cluster; yields the environment that points clients at it."""
-    if os.geteuid() != 0:
-        pytest.skip("Slurm's daemons need root")
     install_slurm()
     root = tmp_path_factory.mktemp("slurm")
     started: list[subprocess.Popen] = []

@@ -66,6 +66,7 @@ def take(loader, n: int) -> list[np.ndarray]:
     return out
 
 
+@pytest.mark.slow  # loader worker processes
 def test_streams_split_ranks_and_workers_without_overlap(corpus):
     _, docs, tokenizer = corpus
     spec = spec_of(corpus)
@@ -97,6 +98,7 @@ def test_builder_stream_reads_like_the_files(corpus):
         sorted(d for d in docs[:90] if not is_held_out(content_hash(d), 0.1))
 
 
+@pytest.mark.slow  # loader worker processes
 def test_resume_is_exact_with_worker_prefetch_and_across_passes(corpus):
     _, _, tokenizer = corpus
     eod = EodOptions(tokenizer.eos_id, mask_loss=True, reset_position_ids=True)
@@ -126,6 +128,7 @@ def test_resume_is_exact_with_worker_prefetch_and_across_passes(corpus):
         loader.close()
 
 
+@pytest.mark.slow  # preprocess() runs its worker processes
 def test_indexed_resume_is_exact_and_resizes(corpus, tmp_path):
     from data_pipeline.preprocess import PreprocessJob, preprocess
     from data_pipeline.shards import open_corpus
@@ -153,6 +156,7 @@ def test_indexed_resume_is_exact_and_resizes(corpus, tmp_path):
         resumed.load_state_dict({"kind": "streaming"})
 
 
+@pytest.mark.slow  # loader worker processes
 def test_resize_trains_every_record_once(corpus):
     _, docs, tokenizer = corpus
     spec = spec_of(corpus)
@@ -210,6 +214,7 @@ def test_held_out_validation_batches_are_fixed(corpus):
         HeldOutSamples(spec_of(corpus, valid_fraction=1e-9))[0]
 
 
+@pytest.mark.slow  # loader worker processes
 def test_bad_records_are_counted_or_fail_in_one_line(corpus, tmp_path):
     root, docs, _ = corpus
     (tmp_path / "bad.txt").write_bytes(b"\xff\xfe not utf-8")
@@ -231,6 +236,7 @@ def test_bad_records_are_counted_or_fail_in_one_line(corpus, tmp_path):
         StreamingLoader(few, MB).load_state_dict({"consumed_samples": 3})
 
 
+@pytest.mark.slow  # `pretrain` processes
 def test_pretrain_streaming_resumes_exactly(tmp_path):
     common = (*TINY, f"data.cache_dir={tmp_path / 'cache'}", "data.streaming=true", "data.streaming_workers=1",
               "trainer.train_steps=6", "trainer.eval_interval=3", "trainer.checkpoint_interval=3")

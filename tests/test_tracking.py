@@ -78,6 +78,7 @@ def kind_of(record: dict) -> str:
     return "train" if "loss" in record else "valid" if "valid/loss" in record else "checkpoint"
 
 
+@pytest.mark.slow  # the shared `pretrain` run (`trained_run`)
 def test_metrics_jsonl_schema(run):
     by_kind: dict[str, list[dict]] = {}
     for record in run.records():
@@ -104,6 +105,7 @@ def test_metrics_jsonl_schema(run):
         assert math.isclose(r["mfu"], r["tflops"] * 1e12 / PEAK, rel_tol=1e-9)
 
 
+@pytest.mark.slow  # the shared `pretrain` run (`trained_run`)
 def test_console_lines_carry_eta(run):
     lines = [line for line in run.stdout.splitlines() if line.lstrip().startswith("step") and "loss" in line
              and "validation" not in line]
@@ -147,6 +149,7 @@ def wandb_run_files(run_dir: Path) -> list[Path]:
     return sorted(run_dir.glob(f"wandb/offline-run-*/run-{run_id}.wandb"))
 
 
+@pytest.mark.slow  # the shared `pretrain` run (`trained_run`)
 def test_wandb_offline_run_holds_config_history_and_checkpoints(run):
     (run_file,) = wandb_run_files(run.run_dir)
     records = wandb_records(run_file)
@@ -174,6 +177,7 @@ def test_wandb_offline_run_holds_config_history_and_checkpoints(run):
     assert [s for s in sorted(history) if "checkpoint/path" in history[s]] == [6, 12]
 
 
+@pytest.mark.slow  # W&B starts its wandb-core service process
 def test_wandb_resume_continues_the_same_run_and_disabled_writes_nothing(tmp_path):
     for _ in range(2):  # a run, then its resumption
         WandbSink(str(tmp_path), "pretrain", None, "offline", {"seed": 1}).on_train_end(None)
