@@ -40,8 +40,8 @@ class OptimConfig:
         require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps}: expected >= 0")
 
 
+# Every callback `trainer.callbacks` can name (`training.build.CALLBACKS`); all of them by default.
 CALLBACK_NAMES = ("evaluation", "progress", "checkpointing", "memory_report")
-DEFAULT_CALLBACKS = CALLBACK_NAMES
 
 
 @dataclass
@@ -81,7 +81,7 @@ class TrainerConfig:
     init_from: str | None = None
     # The callbacks run around every step, by name, in this order (`training.build.CALLBACKS`).
     # Metrics sinks (metrics.jsonl and `logger.kind`) are always added on the logging rank.
-    callbacks: list[str] = field(default_factory=lambda: list(DEFAULT_CALLBACKS))
+    callbacks: list[str] = field(default_factory=lambda: list(CALLBACK_NAMES))
 
     def __post_init__(self) -> None:
         require(self.init_from is None or self.init_from.strip() != "",

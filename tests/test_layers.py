@@ -85,3 +85,10 @@ def test_the_import_graph_has_no_circles():
         if module not in state:
             visit(module, [module])
     assert circles == []
+
+
+def test_every_nameable_callback_has_a_builder():
+    from pretrain.config import CALLBACK_NAMES
+    from pretrain.training.build import CALLBACKS
+
+    assert set(CALLBACKS) == set(CALLBACK_NAMES)
