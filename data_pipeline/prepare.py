@@ -21,7 +21,7 @@ from data_pipeline.cleaning import CleaningConfig, Report, clean_records
 from data_pipeline.corpus import CorpusError, Document, fingerprint
 from data_pipeline.preprocess import MANIFEST, PreprocessJob, check_tokenizer, preprocess
 from data_pipeline.sources import read_records, resolve_inputs
-from data_pipeline.tokenizer import Tokenizer, train_tokenizer
+from data_pipeline.tokenizer import Tokenizer, TokenizerError, TrainingFailed, train_tokenizer
 from data_pipeline.config import DataConfig
 
 
@@ -62,9 +62,16 @@ def train_sample_tokenizer(cfg: DataConfig, path: Path, log=print, log_suffix: s
         raise CorpusError(f"data.sources={cfg.sources}: {len(sample)} non-empty documents; expected at least 2 "
                           "(one for training, one for validation)")
     log(f"data: training a {t.vocab_size}-piece {t.model_type} tokenizer{log_suffix}")
-    return train_tokenizer(sample, path, vocab_size=t.vocab_size, model_type=t.model_type,
-                           sample_bytes=t.sample_bytes, byte_fallback=t.byte_fallback,
-                           user_defined_symbols=t.user_defined_symbols)
+    try:
+        return train_tokenizer(sample, path, vocab_size=t.vocab_size, model_type=t.model_type,
+                               sample_bytes=t.sample_bytes, byte_fallback=t.byte_fallback,
+                               user_defined_symbols=t.user_defined_symbols)
+    except TrainingFailed as err:  # e.g. more pieces than the sample can fill: name the config key
+        key = (f"data.tokenizer.vocab_size={t.vocab_size}" if "ocabulary size" in err.reason
+               else f"data.tokenizer (a {t.vocab_size}-piece {t.model_type} tokenizer)")
+        raise TokenizerError(f"{key}: SentencePiece training on {sum(len(d.text) for d in sample):,} "
+                             f"characters sampled from data.sources={list(cfg.sources)} failed: "
+                             f"{err.reason}") from None
 
 
 def cache_directory(cfg: DataConfig) -> Path:
@@ -76,7 +83,7 @@ def cache_directory(cfg: DataConfig) -> Path:
     return Path(cfg.cache_dir) / f"{corpus}-{hashlib.sha256(settings).hexdigest()[:8]}"
 
 
-def _first_missing(path: Path) -> Path | None:
+def first_missing(path: Path) -> Path | None:
     """The outermost directory on the way to `path` that does not exist yet."""
     missing = None
     for parent in [path, *path.parents]:
@@ -98,7 +105,7 @@ def prepare_data(cfg: DataConfig, log=print) -> PreparedData:
         return PreparedData(directory, tokenizer, corpus, manifest)
 
     cleaning = cleaning_config(cfg)
-    created = _first_missing(directory)
+    created = first_missing(directory)
     try:
         if cfg.tokenizer.model:
             tokenizer = Tokenizer(cfg.tokenizer.model)

@@ -291,7 +291,7 @@ def stream_spec(data_cfg, tokenizer, workers: int | None = None) -> StreamSpec:
 def streaming_tokenizer(data_cfg, log=print):
     """`data.tokenizer.model`, or one trained on a sample of the stream and cached by its settings."""
     from data_pipeline.corpus import fingerprint
-    from data_pipeline.prepare import cleaning_config, train_sample_tokenizer
+    from data_pipeline.prepare import cleaning_config, first_missing, train_sample_tokenizer
     from data_pipeline.tokenizer import Tokenizer
 
     d, t = data_cfg, data_cfg.tokenizer
@@ -303,12 +303,12 @@ def streaming_tokenizer(data_cfg, log=print):
     path = directory / "tokenizer.model"
     if path.is_file():
         return Tokenizer(path)
-    created = not directory.exists()
+    created = first_missing(directory)  # data.cache_dir too, when this makes it
     try:
         return train_sample_tokenizer(d, path, log, log_suffix=" on a sample of the stream")
     except BaseException:
-        if created:
-            shutil.rmtree(directory, ignore_errors=True)
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise
 
 

@@ -10,11 +10,32 @@ from typing import Iterable
 
 import sentencepiece as spm
 
-from common.errors import first_line
+from common.errors import UserError, first_line
 from data_pipeline.corpus import Document
 
 # Ids of the special pieces, fixed so that every tokenizer we train agrees.
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer cannot be trained or loaded; the message names the file or the setting."""
+
+
+class TrainingFailed(TokenizerError):
+    """SentencePiece refused to train a model (e.g. more pieces than the sample can fill)."""
+
+    def __init__(self, output: Path, reason: str):
+        super().__init__(f"{output}: SentencePiece training failed: {reason}")
+        self.reason = reason
+
+
+def sentencepiece_reason(err: BaseException) -> str:
+    """SentencePiece's reason for a failure, without its source location and log level.
+
+    It reports problems as one RuntimeError such as `INTERNAL: src/x.cc(109) [check] reason`
+    (or several lines of them); the reason is what follows the last `] ` of the first line.
+    """
+    return first_line(err).split("] ")[-1].removeprefix("INTERNAL: ").strip()
 
 
 class Tokenizer:
@@ -23,7 +44,7 @@ class Tokenizer:
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: SentencePiece model not found")
         self.model_bytes = self.path.read_bytes()
-        self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
+        self.sp = load_model(self.path, self.model_bytes)
         self.hash = hashlib.sha256(self.model_bytes).hexdigest()
 
     @property
@@ -43,6 +64,19 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int]) -> str:
         return self.sp.decode([int(i) for i in ids])
+
+
+def load_model(path: Path, model_bytes: bytes) -> spm.SentencePieceProcessor:
+    """The SentencePiece processor of a model file's bytes; refuses a file that holds no model."""
+    if not model_bytes:  # SentencePiece accepts an empty proto as a model of no pieces
+        raise TokenizerError(f"{path}: not a SentencePiece model (an empty file)")
+    try:
+        return spm.SentencePieceProcessor(model_proto=model_bytes)
+    except RuntimeError as err:
+        reason = sentencepiece_reason(err)
+        if "ParseFromArray" in first_line(err) or not reason:
+            reason = "it does not parse as a SentencePiece model proto"
+        raise TokenizerError(f"{path}: not a SentencePiece model ({reason})") from None
 
 
 def _training_lines(documents: Iterable[Document], sample_bytes: int) -> Iterable[str]:
@@ -103,8 +137,7 @@ def train_tokenizer(
     try:
         _train(prefix, documents, vocab_size, model_type, sample_bytes, byte_fallback, user_defined_symbols)
     except RuntimeError as err:  # SentencePiece reports bad settings as one long RuntimeError
-        reason = first_line(err).split("] ")[-1]
-        raise ValueError(f"{output}: SentencePiece training failed: {reason}") from None
+        raise TrainingFailed(output, sentencepiece_reason(err)) from None
     os.replace(f"{prefix}.model", output)
     Path(f"{prefix}.vocab").unlink(missing_ok=True)
     tokenizer = Tokenizer(output)

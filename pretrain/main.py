@@ -34,8 +34,13 @@ def hydra_main(raw: DictConfig) -> None:
             from pretrain.hf.import_weights import check_source
 
             check_source(cfg.trainer.init_from, cfg.model)
-        from pretrain.checkpoint.files import resolve_resume
+        from pretrain.checkpoint.files import check_run_dir, resolve_resume
 
+        check_run_dir(cfg.trainer.run_dir)  # a file, or below one, fails before anything is written
+        if cfg.logger.kind == "wandb":  # so does a WANDB_MODE that logger.mode=auto cannot follow
+            from pretrain.training.sinks import wandb_mode
+
+            wandb_mode(cfg.logger.mode, os.environ)
         # So does a checkpoint that is incomplete, corrupt or of another model shape.
         resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume, cfg.model)
     except UserError as err:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from data_pipeline.tokenizer import Tokenizer
+from data_pipeline.tokenizer import Tokenizer, TokenizerError
 from parallel import sharding
 from parallel.engine_state import canonical_name
 from common.errors import UserError
@@ -206,7 +206,10 @@ def load_tokenizer(checkpoint: Checkpoint, override: str | None = None) -> Token
         raise CheckpointError(f"{checkpoint.path}: not inside a run directory; pass --tokenizer")
     if not path.is_file():
         raise CheckpointError(f"{path}: tokenizer model not found")
-    tokenizer = Tokenizer(path)
+    try:
+        tokenizer = Tokenizer(path)
+    except TokenizerError as err:  # a file that is no SentencePiece model
+        raise CheckpointError(str(err)) from None
     if checkpoint.tokenizer_hash and tokenizer.hash != checkpoint.tokenizer_hash:
         raise CheckpointError(
             f"{path}: tokenizer {tokenizer.hash[:12]}, but {checkpoint.path} was trained with "

@@ -58,6 +58,20 @@ def rng_file(rank: int) -> str:
     return f"rng_state_rank{rank:05d}.pt"
 
 
+def check_run_dir(run_dir: str | os.PathLike) -> None:
+    """Refuses a `trainer.run_dir` that cannot become a directory: one that is a file (or a
+    broken symbolic link), or that lies below one. Writes nothing; a missing directory is fine."""
+    path = Path(run_dir)
+    for place in (path, *path.parents):
+        if place.is_dir():
+            return
+        if place.exists() or place.is_symlink():
+            what = "file" if place.exists() else "broken symbolic link"
+            if place == path:
+                raise RunDirError(f"trainer.run_dir={run_dir}: a {what}, expected a directory")
+            raise RunDirError(f"trainer.run_dir={run_dir}: lies below the {what} {place}; expected a directory")
+
+
 # --- finding checkpoints --------------------------------------------------------------------
 
 def complete_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:

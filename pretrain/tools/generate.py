@@ -11,7 +11,7 @@ A checkpoint of any parallel layout is consolidated into one process.
 from __future__ import annotations
 
 import argparse
-
+import sys
 from typing import NoReturn
 
 import torch
@@ -111,9 +111,14 @@ def fail(message: str) -> NoReturn:
     errors.fail("pretrain-generate", message)
 
 
+def note(message: str) -> None:
+    """One line on stderr about something done otherwise than asked; the command goes on."""
+    print(f"pretrain-generate: note: {message}", file=sys.stderr, flush=True)
+
+
 def main(argv: list[str] | None = None) -> str:
     args = parse_args(argv)
-    from pretrain.checkpoint.consolidate import CheckpointError, load_checkpoint, load_tokenizer
+    from pretrain.checkpoint.consolidate import load_checkpoint, load_tokenizer
     from pretrain.model.decode import Decoder
 
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -123,14 +128,18 @@ def main(argv: list[str] | None = None) -> str:
     try:
         checkpoint = load_checkpoint(args.checkpoint)
         tokenizer = load_tokenizer(checkpoint, args.tokenizer)
-    except (CheckpointError, FileNotFoundError) as err:
+    except (errors.UserError, FileNotFoundError) as err:  # CheckpointError is a UserError
         fail(str(err))
     # Training documents each end in EOS, so EOS before the prompt reads as
     # "a new document starts here", and EOS after it ends the text.
     prompt = [tokenizer.eos_id] + tokenizer.encode([args.prompt])[0]
-    room = checkpoint.model.max_seq_len - len(prompt)
+    max_seq_len = checkpoint.model.max_seq_len
+    room = max_seq_len - len(prompt)
     if room <= 0:
-        fail(f"--prompt: {len(prompt)} tokens; the model takes at most {checkpoint.model.max_seq_len}")
+        fail(f"--prompt: {len(prompt)} tokens; the model takes at most {max_seq_len}")
+    if args.max_new_tokens > room:
+        note(f"--max-new-tokens={args.max_new_tokens} cut to {room} "
+             f"(model.max_seq_len={max_seq_len} minus the prompt's {len(prompt)} tokens)")
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     decoder = Decoder(checkpoint.model, checkpoint.state_dict, device, dtype)
     new = generate(

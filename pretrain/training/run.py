@@ -8,8 +8,9 @@ import sys
 from common.errors import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged
 from data_pipeline.training_data import load_training_data
 from parallel.engine import check_precision_supported
-from parallel.groups import init_process_groups, resolve_device
+from parallel.groups import Topology, init_process_groups, resolve_device
 from pretrain.checkpoint import files
+from pretrain.checkpoint.run_lock import hold_run_dir
 from pretrain.config import Config
 from pretrain.training.build import build_trainer
 from pretrain.training.preemption import SaveTriggers
@@ -23,10 +24,18 @@ def run(cfg: Config, resolved_yaml: str) -> TrainState:
     # SIGUSR1/SIGTERM from here on are served at the first step boundary.
     triggers = SaveTriggers(t.checkpoint_interval, t.checkpoint_minutes, device)
     triggers.install()
-    # Settle what can be known before any process group, data or model exists.
-    resume_from = files.resolve_resume(t.run_dir, t.resume, cfg.model)
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device)
     cfg.validate_world(topology.world_size)
+    # One job at a time: rank 0 holds <run_dir>/.lock from before anything is written into the
+    # run directory until this returns or exits; a second job stops here (every rank of it).
+    with hold_run_dir(t.run_dir, topology.rank):
+        return _train(cfg, resolved_yaml, topology, triggers)
+
+
+def _train(cfg: Config, resolved_yaml: str, topology: Topology, triggers: SaveTriggers) -> TrainState:
+    t = cfg.trainer
+    # Chosen under the lock, so that no other job's save can change the choice.
+    resume_from = files.resolve_resume(t.run_dir, t.resume, cfg.model)
     log = print if topology.is_logging_rank else (lambda *_: None)
     if resume_from is not None and topology.rank == 0:
         files.restore_run_files(resume_from, t.run_dir)  # the W&B run id, before the sinks

@@ -9,9 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 import uuid
 from pathlib import Path
+from typing import Mapping
 
+from common.errors import first_line
+from common.typed_config import ConfigError
 from pretrain.checkpoint.files import WANDB_ID_FILE, wandb_run_id, write_run_file
 from pretrain.config import Config
 from pretrain.training.callback import Callback
@@ -43,29 +47,72 @@ class MetricsFile(Callback):
             self.file = None
 
 
+# W&B's own names for its modes (WANDB_MODE), and the mode each asks for.
+WANDB_ENV_MODES = {"online": "online", "run": "online", "offline": "offline", "dryrun": "offline",
+                   "disabled": "disabled", "shared": "shared"}
+# How long an online start waits for the W&B server before the run logs offline
+# instead (W&B's own default is 90 s); WANDB_INIT_TIMEOUT, when set, wins.
+ONLINE_INIT_TIMEOUT_S = 30.0
+
+
+def wandb_mode(configured: str, environ: Mapping[str, str]) -> str:
+    """The W&B mode a run starts in: `logger.mode`, unless it is `auto`.
+
+    Under `auto`, W&B's own environment variables decide: WANDB_MODE when set
+    (W&B's names: online, offline, disabled, shared, and the old dryrun and run),
+    otherwise online when WANDB_API_KEY is set and offline when it is not.
+    """
+    if configured != "auto":
+        return configured
+    env = environ.get("WANDB_MODE", "").strip()
+    if env:
+        if env.lower() not in WANDB_ENV_MODES:
+            raise ConfigError(f"WANDB_MODE={env}: expected one of {', '.join(WANDB_ENV_MODES)} "
+                              "(logger.mode=auto follows it)")
+        return WANDB_ENV_MODES[env.lower()]
+    return "online" if environ.get("WANDB_API_KEY") else "offline"
+
+
+def init_wandb(wandb, mode: str, environ: Mapping[str, str], **kwargs):
+    """`wandb.init(mode=mode, **kwargs)`; an online start that fails (no server, no network,
+    a refused key, or no answer within ONLINE_INIT_TIMEOUT_S) says so in one line on stderr
+    and starts the same run offline instead, for `wandb sync` to upload later."""
+    if mode not in ("online", "shared"):
+        return wandb.init(mode=mode, **kwargs)
+    settings = {} if environ.get("WANDB_INIT_TIMEOUT") else {
+        "settings": wandb.Settings(init_timeout=ONLINE_INIT_TIMEOUT_S)}
+    try:
+        return wandb.init(mode=mode, **kwargs, **settings)
+    except Exception as err:  # wandb raises CommError, UsageError, TimeoutError and others here
+        print(f"pretrain: note: W&B could not start online ({type(err).__name__}: {first_line(err)}); "
+              f"logging offline under {kwargs.get('dir') or '.'}/wandb instead (`wandb sync` uploads it later)",
+              file=sys.stderr, flush=True)
+        # W&B's service still holds the run id the failed start claimed: start a fresh service.
+        wandb.teardown()
+        return wandb.init(mode="offline", **kwargs)
+
+
 class WandbSink(Callback):
-    """Weights & Biases: online when a key is configured, offline files otherwise.
+    """Weights & Biases: online or offline files, as `wandb_mode` resolves `logger.mode`.
 
     The run id is kept in the run directory, so a resumed training run
     continues the same W&B run instead of starting a new one. Steps redone
     after resuming from an earlier checkpoint are already in the W&B history;
     W&B keeps the first values, which a bit-exact resume reproduces anyway.
+    An online start that fails goes on offline (`init_wandb`).
     """
 
     def __init__(self, run_dir: str, project: str, name: str | None, mode: str, config: dict):
         import wandb
 
-        if mode == "auto":
-            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+        mode = wandb_mode(mode, os.environ)
         # W&B's own style of id (8 lowercase letters and digits), made here because
         # wandb's helper for it has moved between releases.
         run_id = wandb_run_id(run_dir) or uuid.uuid4().hex[:8]
         if mode != "disabled":
             write_run_file(run_dir, WANDB_ID_FILE, run_id.encode())
-        self.run = wandb.init(
-            project=project, name=name, id=run_id, resume="allow", mode=mode,
-            dir=run_dir, config=config,
-        )
+        self.run = init_wandb(wandb, mode, os.environ, project=project, name=name, id=run_id,
+                              resume="allow", dir=run_dir, config=config)
 
     def log(self, record: dict) -> None:
         values = {k: v for k, v in record.items() if k != "step"}
