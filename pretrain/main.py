@@ -45,14 +45,10 @@ def hydra_main(raw: DictConfig) -> None:
         resolve_resume(cfg.trainer.run_dir, cfg.trainer.resume, cfg.model)
     except UserError as err:
         fail(PROG, str(err))
-    if cluster.launched:  # each rank's output also goes to <run_dir>/logs/rank<r>.log
-        from launch.rank_log import rank_log_path, tee_output
-
-        tee_output(rank_log_path(cfg.trainer.run_dir, cluster.rank))
     from pretrain.training.run import run  # heavy imports only once the config is known to be good
 
     try:
-        run(cfg, OmegaConf.to_yaml(raw))
+        run(cfg, OmegaConf.to_yaml(raw), keep_rank_log=cluster.launched)
     except (UserError, FileNotFoundError) as err:
         fail(PROG, str(err))
 

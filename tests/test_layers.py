@@ -20,9 +20,8 @@ ALLOWED = {
     "pretrain.hydra_config": {"common", "pretrain.config"},
     "pretrain.tools": {"common", "data_pipeline", "parallel", "pretrain.model", "pretrain.config",
                        "pretrain.checkpoint", "pretrain.training", "pretrain.hydra_config"},
-    # The entry point may also start launch's per-rank log.
     "pretrain.main": {"common", "data_pipeline", "parallel", "pretrain.checkpoint", "pretrain.hf",
-                      "pretrain.training", "pretrain.hydra_config", "launch"},
+                      "pretrain.training", "pretrain.hydra_config"},
     "launch": {"common", "data_pipeline", "parallel", "pretrain.config", "pretrain.hydra_config"},
 }
 

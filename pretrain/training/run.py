@@ -17,7 +17,7 @@ from pretrain.training.preemption import SaveTriggers
 from pretrain.training.trainer import TrainState
 
 
-def run(cfg: Config, resolved_yaml: str) -> TrainState:
+def run(cfg: Config, resolved_yaml: str, keep_rank_log: bool = False) -> TrainState:
     t = cfg.trainer
     device = resolve_device(t.device)
     check_precision_supported(cfg.parallel.precision, device, cfg.parallel.zero_stage)  # before any data or model work
@@ -29,6 +29,10 @@ def run(cfg: Config, resolved_yaml: str) -> TrainState:
     # One job at a time: rank 0 holds <run_dir>/.lock from before anything is written into the
     # run directory until this returns or exits; a second job stops here (every rank of it).
     with hold_run_dir(t.run_dir, topology.rank):
+        if keep_rank_log:  # each rank's output also goes to <run_dir>/logs/rank<r>.log
+            from common.rank_log import rank_log_path, tee_output
+
+            tee_output(rank_log_path(t.run_dir, topology.rank))
         return _train(cfg, resolved_yaml, topology, triggers)
 
 
