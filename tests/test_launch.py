@@ -203,3 +203,25 @@ def test_slurm_multirun_writes_one_job_per_point(monkeypatch, capsys, tmp_path):
         text = script.read_text()
         assert "#SBATCH --nodes=2" in text and f"optim.lr={lr}" in text
         assert f"RUN_DIR={script.parent}" in text
+
+
+def test_slurm_refuses_a_run_dir_a_live_job_holds(monkeypatch, capsys, tmp_path):
+    from pretrain.checkpoint.run_lock import RunDirLock
+
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "run"
+    args = ("--dry-run", "launcher=slurm", "launcher.nodes=2", "trainer.global_batch_size=16",
+            f"trainer.run_dir={run_dir}")
+    assert run_cli(monkeypatch, capsys, *args)[0] == 0
+    script = (run_dir / "job.sbatch").read_bytes()
+    lock = RunDirLock(run_dir)  # this process stands for the running job
+    lock.acquire()
+    try:
+        code, out = run_cli(monkeypatch, capsys, *args, "launcher.time=02:00:00")
+    finally:
+        lock.release()
+    assert code == 2 and out.err.count("\n") == 1, out.err
+    assert f"trainer.run_dir={run_dir}: in use by pid {lock.me.pid}" in out.err
+    assert (run_dir / "job.sbatch").read_bytes() == script  # left as it was
+    assert run_cli(monkeypatch, capsys, *args, "launcher.time=02:00:00")[0] == 0  # free again
+    assert (run_dir / "job.sbatch").read_bytes() != script

@@ -22,7 +22,9 @@ ALLOWED = {
                        "pretrain.checkpoint", "pretrain.training", "pretrain.hydra_config"},
     "pretrain.main": {"common", "data_pipeline", "parallel", "pretrain.checkpoint", "pretrain.hf",
                       "pretrain.training", "pretrain.hydra_config"},
-    "launch": {"common", "data_pipeline", "parallel", "pretrain.config", "pretrain.hydra_config"},
+    # The Slurm launcher reads a run directory's lock before writing its script there.
+    "launch": {"common", "data_pipeline", "parallel", "pretrain.config", "pretrain.hydra_config",
+               "pretrain.checkpoint"},
 }
 
 

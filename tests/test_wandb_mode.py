@@ -103,12 +103,16 @@ def test_sink_follows_wandb_mode_and_falls_back(monkeypatch, tmp_path, capsys):
     monkeypatch.setattr(wandb, "teardown", fake.teardown)
     monkeypatch.setenv("WANDB_API_KEY", KEY)
     monkeypatch.setenv("WANDB_MODE", "offline")
-    assert WandbSink(str(tmp_path / "a"), "p", None, "auto", {}).run.mode == "offline"  # WANDB_MODE wins
+    sink = WandbSink(str(tmp_path / "a"), "p", None, "auto", {})
+    assert fake.starts == [] and not (tmp_path / "a").exists()  # started at the first record
+    sink.open()
+    assert sink.run.mode == "offline"  # WANDB_MODE wins
     assert [s["mode"] for s in fake.starts] == ["offline"]
 
     monkeypatch.delenv("WANDB_MODE")
     fake.starts.clear()
     sink = WandbSink(str(tmp_path / "b"), "p", None, "auto", {})  # a key, no WANDB_MODE: online, which fails
+    sink.open()
     assert sink.run.mode == "offline" and [s["mode"] for s in fake.starts] == ["online", "offline"]
     assert fake.starts[0]["id"] == fake.starts[1]["id"]  # the same W&B run, to be synced later
     assert (tmp_path / "b" / "wandb_run_id").read_text() == fake.starts[1]["id"]

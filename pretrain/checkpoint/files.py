@@ -16,6 +16,7 @@ the leftovers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -117,6 +118,18 @@ def check_model_shape(path: Path, manifest: dict, model) -> None:
         if key in saved and saved[key] != getattr(model, key):
             raise RunDirError(f"{path}: written for model.{key}={saved[key]}, but the config has "
                               f"model.{key}={getattr(model, key)}")
+
+
+def check_tokenizer(path: Path, tokenizer) -> None:
+    """Refuses a checkpoint written with another tokenizer than the data's, from the copy
+    of the tokenizer it holds (checked before anything is built or written)."""
+    saved = path / TOKENIZER_FILE
+    if tokenizer is None or not saved.is_file():
+        return
+    saved_hash = hashlib.sha256(saved.read_bytes()).hexdigest()
+    if saved_hash != tokenizer.hash:
+        raise RunDirError(f"{path}: written with tokenizer {saved_hash[:12]}, but the data uses "
+                          f"{tokenizer.hash[:12]}")
 
 
 def resolve_resume(run_dir: str, resume: str, model=None) -> Path | None:

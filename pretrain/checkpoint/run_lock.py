@@ -42,7 +42,7 @@ from typing import Callable, Iterator
 import torch.distributed as dist
 
 from common.errors import first_line
-from pretrain.checkpoint.files import RunDirError
+from pretrain.checkpoint.files import RunDirError, check_run_dir
 
 LOCK_FILE = ".lock"
 CLAIM_FILE = ".lock.claim"  # held for the moments a take-over lasts
@@ -192,6 +192,12 @@ class RunDirLock:
         raise RunDirError(f"trainer.run_dir={self.run_dir}: its lock {self.path} kept changing while "
                           "this job tried to take it; another job is starting on it")
 
+    def busy(self) -> Holder | None:
+        """The live job holding the lock, if one does (reads only: for a launcher deciding
+        whether it may write into the run directory)."""
+        holder = self.read()
+        return holder if holder is not None and self._judge(holder) != "stale" else None
+
     def release(self) -> None:
         """Stops the heartbeat and removes the lock, if it is still ours."""
         self._stop.set()
@@ -294,12 +300,7 @@ class RunDirLock:
 
     def _make_dir(self) -> None:
         path = Path(self.run_dir)
-        if path.exists() and not path.is_dir():
-            raise RunDirError(f"trainer.run_dir={self.run_dir}: a file, expected a directory")
-        for parent in path.parents:
-            if parent.exists() and not parent.is_dir():
-                raise RunDirError(f"trainer.run_dir={self.run_dir}: lies below the file {parent}; "
-                                  "expected a directory")
+        check_run_dir(path)
         missing = [d for d in (path, *path.parents) if not d.exists()]
         try:
             path.mkdir(parents=True, exist_ok=True)

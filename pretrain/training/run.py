@@ -41,19 +41,24 @@ def _train(cfg: Config, resolved_yaml: str, topology: Topology, triggers: SaveTr
     # Chosen under the lock, so that no other job's save can change the choice.
     resume_from = files.resolve_resume(t.run_dir, t.resume, cfg.model)
     log = print if topology.is_logging_rank else (lambda *_: None)
-    if resume_from is not None and topology.rank == 0:
-        files.restore_run_files(resume_from, t.run_dir)  # the W&B run id, before the sinks
     data = load_training_data(cfg.data, topology.rank, log)
+    if resume_from is not None:
+        files.check_tokenizer(resume_from, data.tokenizer)
+    # Nothing is written into the run directory until the checkpoint has loaded: a refused
+    # resume (another tokenizer, a damaged checkpoint) leaves every file as it was. The
+    # sinks open at the first record.
     trainer = build_trainer(cfg, topology, data, triggers)
-    if resume_from is None and t.init_from:  # continued pretraining from exported weights
+    if resume_from is not None:
+        trainer.load_checkpoint(resume_from)
+    elif t.init_from:  # continued pretraining from exported weights
         from pretrain.hf.import_weights import init_from
 
         init_from(trainer.engine.deepspeed, t.init_from, cfg.model, cfg.parallel, data.tokenizer, data.vocab_size,
                   say=trainer.print)
+    if resume_from is not None and topology.rank == 0:
+        files.restore_run_files(resume_from, t.run_dir)  # the W&B run id, before the sinks open
     files.write_run_file(t.run_dir, "config.yaml", resolved_yaml.encode())
     files.write_run_file(t.run_dir, files.TOKENIZER_FILE, data.tokenizer.model_bytes)
-    if resume_from is not None:
-        trainer.load_checkpoint(resume_from)
     try:
         state = trainer.fit()
     except TrainingDiverged as err:

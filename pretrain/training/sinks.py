@@ -103,35 +103,51 @@ class WandbSink(Callback):
     """
 
     def __init__(self, run_dir: str, project: str, name: str | None, mode: str, config: dict):
+        self.run_dir, self.project, self.name, self.config = run_dir, project, name, config
+        self.mode = wandb_mode(mode, os.environ)
+        self.run = None
+
+    def open(self) -> None:
+        """Started at the first record, not when built: a run refused while resuming
+        (a damaged checkpoint, another tokenizer) writes nothing into its run directory."""
         import wandb
 
-        mode = wandb_mode(mode, os.environ)
         # W&B's own style of id (8 lowercase letters and digits), made here because
         # wandb's helper for it has moved between releases.
-        run_id = wandb_run_id(run_dir) or uuid.uuid4().hex[:8]
-        if mode != "disabled":
-            write_run_file(run_dir, WANDB_ID_FILE, run_id.encode())
-        self.run = init_wandb(wandb, mode, os.environ, project=project, name=name, id=run_id,
-                              resume="allow", dir=run_dir, config=config)
+        run_id = wandb_run_id(self.run_dir) or uuid.uuid4().hex[:8]
+        if self.mode != "disabled":
+            write_run_file(self.run_dir, WANDB_ID_FILE, run_id.encode())
+        self.run = init_wandb(wandb, self.mode, os.environ, project=self.project, name=self.name, id=run_id,
+                              resume="allow", dir=self.run_dir, config=self.config)
 
     def log(self, record: dict) -> None:
+        if self.run is None:
+            self.open()
         values = {k: v for k, v in record.items() if k != "step"}
         self.run.log(values, step=record["step"])
 
     def on_train_end(self, trainer):
-        self.run.finish()
+        if self.run is not None:
+            self.run.finish()
 
 
 class TensorBoardSink(Callback):
     """TensorBoard event files in `<run_dir>/tensorboard`: numbers as scalars, the rest as text."""
 
     def __init__(self, run_dir: str, config: dict):
+        self.run_dir, self.config = run_dir, config
+        self.writer = None
+
+    def open(self) -> None:
+        """At the first record, like the W&B sink (nothing is written before then)."""
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), flush_secs=30)
-        self.writer.add_text("config", "```\n" + json.dumps(config, indent=2) + "\n```")
+        self.writer = SummaryWriter(log_dir=str(Path(self.run_dir) / "tensorboard"), flush_secs=30)
+        self.writer.add_text("config", "```\n" + json.dumps(self.config, indent=2) + "\n```")
 
     def log(self, record: dict) -> None:
+        if self.writer is None:
+            self.open()
         step = record["step"]
         for key, value in record.items():
             if key == "step":
@@ -142,7 +158,8 @@ class TensorBoardSink(Callback):
                 self.writer.add_text(key, str(value), step)
 
     def on_train_end(self, trainer):
-        self.writer.close()
+        if self.writer is not None:
+            self.writer.close()
 
 
 def build_sinks(cfg: "Config") -> list[Callback]:
