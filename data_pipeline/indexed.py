@@ -8,6 +8,7 @@ once complete: both files are written under temporary names, then renamed.
 from __future__ import annotations
 
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -81,14 +82,45 @@ def open_shard(prefix: str | os.PathLike):
     for suffix in (".idx", ".bin"):
         if not os.path.isfile(prefix + suffix):
             raise ShardError(f"{prefix}{suffix}: shard file not found")
-    try:
-        dataset = IndexedDataset(prefix, mmap=True)
-    except Exception as err:  # megatron-core raises assertions and struct errors alike
-        raise ShardError(f"{prefix}.idx: unreadable index ({err or type(err).__name__})") from None
-    expected = int(dataset.sequence_lengths.sum()) * dataset.index.dtype_size
+    # Checked before megatron-core opens them: an IndexedDataset that fails half-built also
+    # prints a traceback from its __del__ when it is collected.
+    expected = _token_bytes(prefix + ".idx")
     actual = os.path.getsize(prefix + ".bin")
     if actual != expected:
         raise ShardError(
             f"{prefix}.bin: {actual} bytes, but its index describes {expected}; truncated or mismatched"
         )
-    return dataset
+    if expected == 0:
+        raise ShardError(f"{prefix}.bin: no tokens")
+    try:
+        return IndexedDataset(prefix, mmap=True)
+    except Exception as err:  # megatron-core raises assertions and struct errors alike
+        raise ShardError(f"{prefix}.idx: unreadable index ({err or type(err).__name__})") from None
+
+
+# megatron-core's index: header, version (<Q), dtype code (<B), sequence and document counts
+# (<Q each), then int32 sequence lengths, int64 sequence pointers and int64 document indices.
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_HEAD = struct.Struct("<9sQBQQ")
+_DTYPE_SIZES = {1: 1, 2: 1, 3: 2, 4: 4, 5: 8, 6: 8, 7: 4, 8: 2}  # megatron-core's DType codes
+
+
+def _token_bytes(idx: str) -> int:
+    """The size of the token file an index describes; ShardError for a file that is no index."""
+    with open(idx, "rb") as f:
+        head = f.read(_HEAD.size)
+    if not head or head[:len(_INDEX_HEADER)] != _INDEX_HEADER[:len(head)]:
+        raise ShardError(f"{idx}: unreadable index (no megatron-core index header)")
+    if len(head) < _HEAD.size:
+        raise ShardError(f"{idx}: {len(head)} bytes, shorter than an index header; truncated")
+    _, version, code, sequences, documents = _HEAD.unpack(head)
+    if version != 1 or code not in _DTYPE_SIZES:
+        raise ShardError(f"{idx}: unreadable index (version {version}, dtype code {code}; expected 1 and "
+                         f"one of {sorted(_DTYPE_SIZES)})")
+    size, needed = os.path.getsize(idx), _HEAD.size + 12 * sequences + 8 * documents
+    if size < needed:
+        raise ShardError(f"{idx}: {size} bytes, but its header describes {needed}; truncated")
+    if sequences == 0:
+        return 0
+    lengths = np.memmap(idx, dtype=np.int32, mode="r", offset=_HEAD.size, shape=(sequences,))
+    return int(lengths.sum(dtype=np.int64)) * _DTYPE_SIZES[code]

@@ -46,6 +46,7 @@ from data_pipeline.indexed import ShardWriter, token_dtype
 from data_pipeline.line_encoding import LineGroupEncoder
 from data_pipeline.node_dedup import load_node_hashes, node_hashes_path, other_nodes_first, save_node_hashes
 from data_pipeline.ordered_pool import OrderedPool
+from data_pipeline.shards import read_manifest
 from data_pipeline.sources import Input, node_share, read_records, resolve_inputs
 from data_pipeline.tokenizer import Tokenizer
 
@@ -198,10 +199,15 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: st
     if phase not in ("all", "hashes"):
         raise ValueError(f"phase={phase!r}: expected 'all' or 'hashes'")
     output = Path(job.output)
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{output}: exists and is not a directory")
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise DataError(f"{output}: lies below the file {blocking}; expected a directory")
     tokenizer = Tokenizer(job.tokenizer)
     manifest_path = output / manifest_name(job.node_rank, job.num_nodes)
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
         check_tokenizer(manifest, manifest_path, tokenizer)
         log(f"preprocess: {manifest_path} already complete")
         return manifest

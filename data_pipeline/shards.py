@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import first_line
 from data_pipeline.cleaning import DataError
 from data_pipeline.indexed import ShardError, open_shard
 
@@ -45,6 +46,22 @@ class ShardCorpus:
         return cls(prefixes, shards, np.concatenate(lengths), shard_of, index, tokenizer_hash)
 
 
+def read_manifest(path: Path) -> dict:
+    """A preprocessed directory's manifest; ShardError naming it when it is unreadable."""
+    try:
+        manifest = json.loads(path.read_bytes())
+        if not isinstance(manifest, dict):
+            raise ValueError("not a JSON object")
+        missing = [key for key in ("tokenizer", "tokenizer_hash", "shards") if key not in manifest]
+        if missing:
+            raise ValueError(f"no {', '.join(missing)}")
+        if not all(isinstance(e, dict) and "prefix" in e and "documents" in e for e in manifest["shards"]):
+            raise ValueError("expected 'shards' to list objects with a 'prefix' and 'documents'")
+    except (ValueError, TypeError) as err:  # a JSON or UTF-8 error is a ValueError
+        raise ShardError(f"{path}: unreadable manifest ({first_line(err)})") from None
+    return manifest
+
+
 def open_corpus(path: str | os.PathLike, tokenizer=None) -> ShardCorpus:
     """A preprocessed directory (every `manifest*.json` in it) or a single shard prefix.
 
@@ -59,7 +76,7 @@ def open_corpus(path: str | os.PathLike, tokenizer=None) -> ShardCorpus:
         raise ShardError(f"{path}/manifest.json: not found; run `pretrain-data preprocess` first")
     prefixes, shards, hashes = [], [], set()
     for manifest_path in manifests:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
         hashes.add(manifest["tokenizer_hash"])
         if tokenizer is not None and manifest["tokenizer_hash"] != tokenizer.hash:
             raise DataError(f"{manifest_path}: written with tokenizer {manifest['tokenizer_hash'][:12]}, "
@@ -86,7 +103,7 @@ def manifest_tokenizer(path: str | os.PathLike) -> str:
     manifests = sorted(Path(path).glob("manifest*.json"))
     if not manifests:
         raise ShardError(f"{path}/manifest.json: not found; run `pretrain-data preprocess` first")
-    return json.loads(manifests[0].read_text())["tokenizer"]
+    return read_manifest(manifests[0])["tokenizer"]
 
 
 def split_documents(num_documents: int, valid_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -118,10 +118,50 @@ def _open_binary(path: str, buffering: int = -1) -> tuple[io.BufferedIOBase, io.
     if path.endswith(".gz"):
         return gzip.GzipFile(fileobj=raw), raw
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdFrames(raw)), raw
+    return raw, raw
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of a .zst file, frame after frame. A file cut short, or bytes that
+    are no zstd frame, raise EOFError: zstandard's `stream_reader` ends quietly at a frame cut
+    short, which would drop the rest of the input without a word."""
+
+    def __init__(self, raw: io.BufferedIOBase):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw)), raw
-    return raw, raw
+        self._raw, self._error = raw, zstandard.ZstdError
+        self._new_frame = zstandard.ZstdDecompressor().decompressobj
+        self._frame = None  # the decompressor of the frame being read
+        self._pending = memoryview(b"")  # decompressed, not yet read (a view: slicing copies nothing)
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self._pending:
+            data = self._raw.read(1 << 16)
+            if not data:
+                if self._frame is not None and not self._frame.eof:
+                    raise EOFError("compressed file ended before the end of its last zstd frame")
+                return 0
+            self._pending = memoryview(self._decompress(data))
+        n = min(len(buffer), len(self._pending))
+        buffer[:n] = self._pending[:n]
+        self._pending = self._pending[n:]
+        return n
+
+    def _decompress(self, data: bytes) -> bytes:
+        out = []
+        while data:
+            if self._frame is None or self._frame.eof:
+                self._frame = self._new_frame()
+            try:
+                out.append(self._frame.decompress(data))
+            except self._error as err:
+                raise EOFError(f"not a zstd stream ({err})") from None
+            data = self._frame.unused_data if self._frame.eof else b""
+        return b"".join(out)
 
 
 def _read_jsonl(index: int, item: Input) -> Iterator[Record]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,10 +91,45 @@ def _training_lines(documents: Iterable[Document], sample_bytes: int) -> Iterabl
                 yield line
 
 
-def _train(prefix: Path, documents: Iterable[Document], vocab_size: int, model_type: str,
-           sample_bytes: int, byte_fallback: bool | None, user_defined_symbols: list[str] | None) -> None:
+class _Lines:
+    """The training lines, keeping what the documents raised: SentencePiece turns an exception
+    from its sentence iterator into a RuntimeError of its own that names only its type."""
+
+    def __init__(self, documents: Iterable[Document], sample_bytes: int):
+        self._lines = iter(_training_lines(documents, sample_bytes))
+        self.count = 0
+        self.error: BaseException | None = None
+
+    def __iter__(self) -> "_Lines":
+        return self
+
+    def __next__(self) -> str:
+        try:
+            line = next(self._lines)
+        except StopIteration:
+            raise
+        except Exception as err:
+            self.error = err
+            raise
+        self.count += 1
+        return line
+
+
+def check_output(output: Path) -> None:
+    """Refuses a model path that is a directory, or lies below a file, before any training."""
+    if output.is_dir():
+        raise TokenizerError(f"{output}: a directory, expected the path of a model file")
+    for place in output.parents:
+        if place.is_dir():
+            return
+        if place.exists():
+            raise TokenizerError(f"{output}: lies below the file {place}; expected a directory there")
+
+
+def _train(prefix: Path, lines: _Lines, vocab_size: int, model_type: str,
+           byte_fallback: bool | None, user_defined_symbols: list[str] | None) -> None:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_lines(documents, sample_bytes)),
+        sentence_iterator=lines,
         model_prefix=str(prefix),
         vocab_size=vocab_size,
         model_type=model_type,
@@ -132,11 +168,21 @@ def train_tokenizer(
     are always kept whole. A `<output>.json` beside the model records its hash.
     """
     output = Path(output)
+    check_output(output)
+    created = [p for p in (output.parent, *output.parent.parents) if not p.exists()]
     output.parent.mkdir(parents=True, exist_ok=True)
     prefix = output.with_name(f".{output.stem}.tmp{os.getpid()}")
+    lines = _Lines(documents, sample_bytes)
     try:
-        _train(prefix, documents, vocab_size, model_type, sample_bytes, byte_fallback, user_defined_symbols)
+        _train(prefix, lines, vocab_size, model_type, byte_fallback, user_defined_symbols)
     except RuntimeError as err:  # SentencePiece reports bad settings as one long RuntimeError
+        for directory in created:  # a failed training leaves no directory behind
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+        if lines.error is not None:  # a document that could not be read: its own error
+            raise lines.error
+        if lines.count == 0:
+            raise TrainingFailed(output, "no non-empty line of text to train on") from None
         raise TrainingFailed(output, sentencepiece_reason(err)) from None
     os.replace(f"{prefix}.model", output)
     Path(f"{prefix}.vocab").unlink(missing_ok=True)

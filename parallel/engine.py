@@ -21,6 +21,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 from common.typed_config import ConfigError
 from parallel.config import ParallelConfig
 from parallel.groups import MegatronMPU
+from parallel.refuse import refuse_updates
 from parallel.step import eval_loss, skip_nonfinite_updates, train_step
 
 
@@ -177,6 +178,11 @@ class Engine:
         skipped_before = self.deepspeed.skipped_steps  # counted by DeepSpeed, once per refused update
         loss, grad_norm = train_step(self.deepspeed, batches, self.device, self.loop_clip)
         return StepResult(loss, grad_norm, self.deepspeed.skipped_steps > skipped_before)
+
+    def refuse_updates(self, refuse: Callable[[float], bool]) -> None:
+        """Asks `refuse(gradient norm)` before each update is applied; True refuses it as a
+        non-finite one is refused (counted in `skipped_steps`). See `parallel.refuse`."""
+        refuse_updates(self.deepspeed, refuse, loop_sets_overflow=bool(self.loop_clip))
 
     def eval_loss(self, batches: list[dict]) -> torch.Tensor:
         return eval_loss(self.deepspeed, batches, self.device)

@@ -50,11 +50,12 @@ class ChunkedOutputLoss(torch.autograd.Function):
     """sum_t token_weights[t] * cross_entropy(hidden[t] @ weight.T, labels[t]), in chunks.
 
     hidden [tokens, h], weight [vocabulary / tp, h], labels [tokens] (global
-    vocabulary ids), token_weights [tokens] fp32. Returns an fp32 scalar.
+    vocabulary ids), token_weights [tokens] fp32. Returns an fp32 scalar. With `z_loss` > 0,
+    adds sum_t token_weights[t] * z_loss * logsumexp(logits[t])^2 (z-loss).
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, token_weights, chunk: int, group, want_grads: bool):
+    def forward(ctx, hidden, weight, labels, token_weights, chunk: int, group, want_grads: bool, z_loss: float = 0.0):
         world = 1 if group is None else dist.get_world_size(group)
         vocab = weight.shape[0]
         first = 0 if world == 1 else dist.get_rank(group) * vocab
@@ -81,11 +82,15 @@ class ChunkedOutputLoss(torch.autograd.Function):
             if world > 1:
                 dist.all_reduce(sums, group=group)
             sum_exp, target = sums
-            loss += ((sum_exp.log() + top - target) * w).sum()
+            lse = sum_exp.log() + top
+            loss += ((lse - target) * w).sum()
+            if z_loss:
+                loss += (z_loss * lse.square() * w).sum()
             if not want_grads:
                 continue
-            # d(weighted loss)/d(logits) = w * (softmax - one-hot), in place over the exponentials.
-            grad = exps.mul_(w / sum_exp)
+            # d(weighted loss)/d(logits) = w * (softmax - one-hot), in place over the exponentials;
+            # z-loss adds w * 2 * z_loss * lse * softmax.
+            grad = exps.mul_((w * (1 + 2 * z_loss * lse) if z_loss else w) / sum_exp)
             grad.scatter_add_(0, local, -(w * mine)[None, :])
             torch.mm(grad.t(), weight32, out=grad_hidden[start:start + chunk])
             grad_weight.addmm_(grad, x.float())
@@ -98,7 +103,7 @@ class ChunkedOutputLoss(torch.autograd.Function):
         grad_hidden, grad_weight = ctx.saved_tensors
         hidden_dtype, weight_dtype = ctx.dtypes
         return ((grad_hidden * grad_loss).to(hidden_dtype), (grad_weight * grad_loss).to(weight_dtype),
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:
@@ -111,8 +116,9 @@ def token_weights(labels: torch.Tensor, loss_mask: torch.Tensor | None) -> torch
 
 @torch.compiler.disable  # a Python loop of in-place kernels: runs eagerly after a compiled decoder
 def chunked_output_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                        weights: torch.Tensor, chunk: int, group) -> torch.Tensor:
-    """The weighted cross entropy of `hidden` [..., h] against `labels` [...] (same leading shape)."""
+                        weights: torch.Tensor, chunk: int, group, z_loss: float = 0.0) -> torch.Tensor:
+    """The weighted cross entropy of `hidden` [..., h] against `labels` [...] (same leading shape),
+    plus the weighted z-loss when `z_loss` > 0."""
     want_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     return ChunkedOutputLoss.apply(hidden.reshape(-1, hidden.shape[-1]), weight, labels.reshape(-1),
-                                   weights.reshape(-1), chunk, group, want_grads)
+                                   weights.reshape(-1), chunk, group, want_grads, z_loss)

@@ -92,6 +92,7 @@ def train_step(
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if clip > 0 and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
+            engine._global_grad_norm = grad_norm  # where DeepSpeed's clipping leaves it (parallel.refuse)
             if hasattr(engine.optimizer, "overflow"):
                 # A non-finite norm skips the update, as DeepSpeed skips an fp16
                 # overflow (see skip_nonfinite_updates).

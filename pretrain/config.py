@@ -19,7 +19,7 @@ from parallel.config import ParallelConfig
 from pretrain.model.config import ModelConfig
 
 __all__ = ["BlendSource", "Config", "ConfigError", "DataConfig", "LoggerConfig", "ModelConfig", "OptimConfig",
-           "ParallelConfig", "TokenizerConfig", "TrainerConfig", "from_dict"]
+           "ParallelConfig", "SpikeConfig", "TokenizerConfig", "TrainerConfig", "from_dict"]
 
 
 # The learning rate a schedule decays to when `optim.min_lr` is not set: lr / 5
@@ -51,6 +51,41 @@ class OptimConfig:
         require(self.warmup_steps >= 0, f"optim.warmup_steps={self.warmup_steps}: expected >= 0")
 
 
+# The signals the spike detector can watch (`trainer.spike.metrics`).
+SPIKE_METRICS = ("loss", "grad_norm")
+
+
+@dataclass
+class SpikeConfig:
+    """Loss-spike detection, `trainer.spike.*` (see `training.spikes`).
+
+    A step is a spike when its training loss or gradient norm lies more than
+    `sigma_factor` robust standard deviations above the median of the last
+    `window` accepted steps (once `warmup` of them are there).
+    """
+
+    # off: no detection | log: record it, keep the update | skip: refuse the update
+    # (decided on the gradient norm, known before the update) | rollback: back to the
+    # newest checkpoint, skipping the data that led there.
+    action: Literal["off", "log", "skip", "rollback"] = "log"
+    metrics: list[Literal["loss", "grad_norm"]] = field(default_factory=lambda: list(SPIKE_METRICS))
+    window: int = 128
+    warmup: int = 32
+    sigma_factor: float = 6.0
+
+    def __post_init__(self) -> None:
+        require(self.window >= 3, f"trainer.spike.window={self.window}: expected >= 3")
+        require(3 <= self.warmup <= self.window,
+                f"trainer.spike.warmup={self.warmup}: expected in [3, trainer.spike.window={self.window}]")
+        require(self.sigma_factor > 0, f"trainer.spike.sigma_factor={self.sigma_factor}: expected > 0")
+        require(len(self.metrics) > 0 and len(set(self.metrics)) == len(self.metrics),
+                f"trainer.spike.metrics={self.metrics}: expected one or both of {', '.join(SPIKE_METRICS)}, "
+                "each once")
+        require(self.action != "skip" or "grad_norm" in self.metrics,
+                f"trainer.spike.metrics={self.metrics} with trainer.spike.action=skip: expected grad_norm among "
+                "them (an update is refused on its gradient norm, the only signal known before it is applied)")
+
+
 # Every callback `trainer.callbacks` can name (`training.build.CALLBACKS`); all of them by default.
 CALLBACK_NAMES = ("evaluation", "progress", "checkpointing", "memory_report")
 
@@ -79,6 +114,9 @@ class TrainerConfig:
     # led there) or abort.
     max_bad_steps: int = 3
     on_bad_steps: Literal["rollback", "abort"] = "rollback"
+    # Finite loss or gradient-norm spikes: detected against the recent steps, then
+    # logged, skipped or rolled back (see SpikeConfig).
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     seed: int = 1234
     device: Literal["auto", "cpu", "cuda"] = "auto"
     # torch.compile: of each transformer layer, or of the whole model (which
@@ -93,6 +131,10 @@ class TrainerConfig:
     # The callbacks run around every step, by name, in this order (`training.build.CALLBACKS`).
     # Metrics sinks (metrics.jsonl and `logger.kind`) are always added on the logging rank.
     callbacks: list[str] = field(default_factory=lambda: list(CALLBACK_NAMES))
+    # false: the console shows the project's lines and the warnings that matter, and
+    # third-party output (DeepSpeed, megatron-core, torch, compilers) goes to
+    # <run_dir>/logs/rank<r>.log only (`common.console`); true: the console shows it all.
+    verbose: bool = False
 
     def __post_init__(self) -> None:
         require(self.init_from is None or self.init_from.strip() != "",

@@ -4,6 +4,10 @@ nothing half-written. And `pretrain-generate`'s note when `--max-new-tokens` doe
   - a tokenizer vocabulary the corpus cannot fill (`pretrain`, plain and streaming data);
   - a `trainer.run_dir` that is a file, or lies below one;
   - a file that is no SentencePiece model, given to `pretrain-generate` or `pretrain-data`.
+
+The parametrised suite of bad inputs across all eight commands is in
+tests/test_bad_input_pretrain.py and tests/test_bad_input_tools.py (shared set-up:
+tests/test_bad_input_setup.py).
 """
 
 import sys

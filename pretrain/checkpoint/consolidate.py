@@ -84,7 +84,11 @@ def find_checkpoint(path: str | Path) -> Path:
         return path
     latest = path / "checkpoints" / "latest"
     if latest.is_file():
-        checkpoint = path / "checkpoints" / latest.read_text().strip()
+        try:
+            name = latest.read_text().strip()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{latest}: not a checkpoint name (not UTF-8 text)") from None
+        checkpoint = path / "checkpoints" / name
         if _first_states(checkpoint):
             return checkpoint
         raise CheckpointError(f"{latest}: names {checkpoint.name}, which holds no model states")

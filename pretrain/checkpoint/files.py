@@ -40,7 +40,7 @@ LEFTOVER_DIR = re.compile(r"step_\d+(\.partial|\.replaced)?")
 
 # Model settings a checkpoint's weights are shaped by; a resume must match them.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
-              "ffn_hidden_size", "tie_embeddings")
+              "ffn_hidden_size", "tie_embeddings", "qk_norm")
 
 
 class RunDirError(UserError, RuntimeError):

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pretrain.checkpoint.files import COMPLETE, rng_file
+from common.errors import first_line
+from pretrain.checkpoint.files import COMPLETE, RunDirError, rng_file
 
 
 def capture_rng_state() -> dict:
@@ -46,4 +47,8 @@ def load_rng_state(path: Path, rank: int, world_size: int) -> dict | None:
     file = path / rng_file(rank)
     if manifest.get("world_size") != world_size or not file.is_file():
         return None
-    return torch.load(file, map_location="cpu", weights_only=False)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=False)
+    except Exception as err:  # torch reports a damaged file as pickle, zip or runtime errors
+        raise RunDirError(f"{file}: cannot load this random-state file ({type(err).__name__}: "
+                          f"{first_line(err)}); the checkpoint is damaged") from None

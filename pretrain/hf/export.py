@@ -7,7 +7,8 @@ The output directory holds
 
 - `consolidated.safetensors`: the single-process weights under this project's
   names, with the training config and step in its metadata;
-- a Hugging Face Llama directory: `config.json`, `generation_config.json`,
+- a Hugging Face Llama directory (Qwen3 for a model with `model.qk_norm`, see
+  `pretrain.hf.format`): `config.json`, `generation_config.json`,
   `model.safetensors` (q/k/v and gate/up unpacked), and the run's SentencePiece
   model as `tokenizer.model` with `tokenizer_config.json` and
   `special_tokens_map.json`, so that `AutoModelForCausalLM` and
@@ -33,6 +34,10 @@ from common import errors
 
 CONSOLIDATED = "consolidated.safetensors"
 HF_WEIGHTS = "model.safetensors"
+
+
+class TokenizerCopyError(errors.UserError, ValueError):
+    """The tokenizer.model a checkpoint carries cannot be used; the message names the file."""
 
 
 def fail(message: str) -> NoReturn:
@@ -130,7 +135,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
            dtype: torch.dtype = torch.float32, tokenizer_path: str | None = None) -> Path:
     """Exports the checkpoint (or a run directory's newest) to `out_dir`; returns it.
 
-    Raises CheckpointError / FormatError / FileExistsError with one-line messages.
+    Raises CheckpointError / FormatError / TokenizerCopyError / FileExistsError with one-line messages.
     """
     from pretrain.checkpoint.consolidate import CheckpointError, find_checkpoint, load_checkpoint, load_tokenizer
 
@@ -142,12 +147,19 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
     check_complete(find_checkpoint(source))  # a missing or partial checkpoint fails before anything is read
     checkpoint = load_checkpoint(source)
     beside = checkpoint.path / "tokenizer.model"  # checkpoints carry a copy of the run's tokenizer
-    try:
-        tokenizer = load_tokenizer(checkpoint, tokenizer_path or (str(beside) if beside.is_file() else None))
-    except CheckpointError:
-        if tokenizer_path:
-            raise
-        tokenizer = None  # a checkpoint outside a run directory: weights only, said below
+    in_run_dir = checkpoint.run_dir is not None and (checkpoint.run_dir / "tokenizer.model").is_file()
+    tokenizer = None  # no tokenizer anywhere: weights only, said below
+    if tokenizer_path:
+        tokenizer = load_tokenizer(checkpoint, tokenizer_path)
+    elif beside.is_file():
+        try:
+            tokenizer = load_tokenizer(checkpoint, str(beside))
+        except CheckpointError as err:
+            raise TokenizerCopyError(f"{beside}: the checkpoint's copy of the tokenizer is unusable "
+                                     f"({errors.first_line(err).removeprefix(f'{beside}: ')}); "
+                                     "pass --tokenizer with the run's SentencePiece model") from None
+    elif in_run_dir:
+        tokenizer = load_tokenizer(checkpoint)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.tmp{os.getpid()}")
@@ -159,17 +171,23 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if tokenizer is None:
-        print(f"pretrain-export: note: {checkpoint.path} is not inside a run directory; no tokenizer "
-              "files were written (pass --tokenizer)", file=sys.stderr, flush=True)
+        print(f"pretrain-export: note: no tokenizer.model in {checkpoint.path} or a run directory around it; "
+              "no tokenizer files were written (pass --tokenizer)", file=sys.stderr, flush=True)
     return out_dir
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pretrain-export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pretrain-export", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pretrain-export runs/default exported/          # newest checkpoint of the run, any layout\n"
+               "  pretrain-export runs/default/checkpoints/step_0000300 exported/ --dtype bf16 --force")
     parser.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
     parser.add_argument("out_dir", help="the directory to write (must not exist or be empty)")
     parser.add_argument("--force", action="store_true", help="replace a non-empty out_dir")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                        help="the type of the weights written (default: fp32)")
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the run directory's)")
     return parser.parse_args(argv)
 
@@ -183,7 +201,7 @@ def main(argv: list[str] | None = None) -> Path:
     try:
         out_dir = export(args.checkpoint, args.out_dir, force=args.force, dtype=dtype,
                          tokenizer_path=args.tokenizer)
-    except (CheckpointError, FormatError, FileExistsError, FileNotFoundError) as err:
+    except (CheckpointError, FormatError, TokenizerCopyError, FileExistsError, FileNotFoundError) as err:
         fail(str(err))
     print(f"exported {args.checkpoint} to {out_dir}", flush=True)
     return out_dir

@@ -1,5 +1,11 @@
 """The model's weights and config in Hugging Face's Llama format, both ways.
 
+A model with `model.qk_norm` is exported as Hugging Face Qwen3 instead: Qwen3 is
+Llama's layer (pre-norm, SwiGLU, rotate-half RoPE, grouped-query attention, no
+biases) plus an RMSNorm of size head_dim on each head's queries and keys before
+the rotation, which is what megatron-core's `qk_layernorm` computes. Its weights
+take the Llama names, and `q_norm`/`k_norm` for the two norms.
+
 No permutation is needed for rotary embeddings: megatron-core (with
 `rotary_interleaved=False`, our setting) and Hugging Face's Llama both rotate
 the two halves of each head together (`rotate_half`), with the same
@@ -26,6 +32,12 @@ _LAYER_RENAMES = (
     ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
     ("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
 )
+# With model.qk_norm (Qwen3's names).
+_QK_NORM_RENAMES = (
+    ("self_attention.q_layernorm.weight", "self_attn.q_norm.weight"),
+    ("self_attention.k_layernorm.weight", "self_attn.k_norm.weight"),
+)
+_HF_QK_NORMS = tuple(theirs for _, theirs in _QK_NORM_RENAMES)
 _MODEL_RENAMES = (
     ("embedding.weight", "model.embed_tokens.weight"),
     ("decoder.final_layernorm.weight", "model.norm.weight"),
@@ -35,6 +47,15 @@ _MODEL_RENAMES = (
 
 class FormatError(UserError, ValueError):
     """Weights that do not fit the model config; the message names the weight."""
+
+
+def architecture(cfg: ModelConfig) -> tuple[str, str]:
+    """(Hugging Face architecture, model_type) computing what a model of `cfg` computes."""
+    return ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
+
+
+def _layer_renames(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
+    return _LAYER_RENAMES + (_QK_NORM_RENAMES if cfg.qk_norm else ())
 
 
 def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
@@ -54,6 +75,8 @@ def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int,
             prefix + "mlp.linear_fc1.weight": (2 * f, h),
             prefix + "mlp.linear_fc2.weight": (h, f),
         }
+        if cfg.qk_norm:
+            shapes |= {prefix + ours: (d,) for ours, _ in _QK_NORM_RENAMES}
     return shapes
 
 
@@ -82,12 +105,12 @@ def _qkv_split(cfg: ModelConfig) -> tuple[int, int, int]:
 
 
 def to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Our single-process weights (tensors only) under Hugging Face Llama names."""
+    """Our single-process weights (tensors only) under Hugging Face Llama (or Qwen3) names."""
     hf = {theirs: weights[ours] for ours, theirs in _MODEL_RENAMES if ours in weights}
     q_rows, k_rows, v_rows = _qkv_split(cfg)
     for i in range(cfg.num_layers):
         ours, theirs = LAYER.format(i=i), HF_LAYER.format(i=i)
-        for a, b in _LAYER_RENAMES:
+        for a, b in _layer_renames(cfg):
             hf[theirs + b] = weights[ours + a]
         qkv = weights[ours + "self_attention.linear_qkv.weight"]
         grouped = qkv.view(cfg.query_groups, q_rows + k_rows + v_rows, cfg.hidden_size)
@@ -102,18 +125,24 @@ def to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
 
 
 def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[str, torch.Tensor]:
-    """Hugging Face Llama weights under our single-process names (inverse of `to_hf`)."""
+    """Hugging Face Llama (or Qwen3) weights under our single-process names (inverse of `to_hf`)."""
 
     def take(name: str) -> torch.Tensor:
         if name not in hf:
-            raise FormatError(f"{source}: no weight {name}")
+            hint = " (model.qk_norm=true expects a Qwen3 model)" if name.endswith(_HF_QK_NORMS) else ""
+            raise FormatError(f"{source}: no weight {name}{hint}")
         return hf[name]
+
+    stray = next((name for name in hf if name.endswith(_HF_QK_NORMS)), None)
+    if stray and not cfg.qk_norm:
+        raise FormatError(f"{source}: weight {stray} belongs to a model with query/key norms; "
+                          "expected model.qk_norm=true")
 
     weights = {ours: take(theirs) for ours, theirs in _MODEL_RENAMES
                if not (ours == "output_layer.weight" and cfg.tie_embeddings)}
     for i in range(cfg.num_layers):
         ours, theirs = LAYER.format(i=i), HF_LAYER.format(i=i)
-        for a, b in _LAYER_RENAMES:
+        for a, b in _layer_renames(cfg):
             weights[ours + a] = take(theirs + b)
         q, k, v = (take(theirs + f"self_attn.{p}_proj.weight") for p in "qkv")
         per_group = [t.reshape(cfg.query_groups, -1, t.shape[-1]) for t in (q, k, v)]
@@ -125,15 +154,18 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[
 
 
 def hf_config(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, special_ids: dict) -> dict:
-    """config.json of a `LlamaForCausalLM` computing what our model computes.
+    """config.json of a `LlamaForCausalLM` (`Qwen3ForCausalLM` with `model.qk_norm`) computing
+    what our model computes.
 
     The vocabulary is the padded one (the embedding's rows); rope_theta is
     written both as the classic top-level key and in `rope_parameters`, which
-    newer transformers versions read.
+    newer transformers versions read. z-loss (`model.z_loss_multiplier`) is a
+    training term only: it leaves nothing to export.
     """
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+    name, model_type = architecture(cfg)
+    config = {
+        "architectures": [name],
+        "model_type": model_type,
         "vocab_size": padded_vocab,
         "hidden_size": cfg.hidden_size,
         "intermediate_size": cfg.ffn_hidden_size,
@@ -157,6 +189,12 @@ def hf_config(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, special_i
         "torch_dtype": str(dtype).removeprefix("torch."),
         **special_ids,
     }
+    if cfg.qk_norm:
+        # Qwen3 knows no MLP bias or pretraining_tp; its sliding window stays off.
+        del config["mlp_bias"], config["pretraining_tp"]
+        config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers,
+                   "layer_types": ["full_attention"] * cfg.num_layers}
+    return config
 
 
 # config.json key → our ModelConfig field, for the checks made before importing.
@@ -173,8 +211,12 @@ _CONFIG_FIELDS = (
 
 def config_mismatch(hf: dict, cfg: ModelConfig) -> str | None:
     """The first difference between a Hugging Face config.json and our model config, if any."""
-    if hf.get("model_type", "llama") != "llama":
-        return f"model_type={hf.get('model_type')!r}; expected 'llama'"
+    model_type = architecture(cfg)[1]
+    if hf.get("model_type", "llama") != model_type:
+        return (f"model_type={hf.get('model_type')!r}; expected {model_type!r} for "
+                f"model.qk_norm={str(cfg.qk_norm).lower()}")
+    if hf.get("use_sliding_window"):
+        return "use_sliding_window=true; expected full attention in every layer"
     for theirs, ours in _CONFIG_FIELDS:
         value = hf.get(theirs, hf.get("num_attention_heads") if theirs == "num_key_value_heads" else None)
         if value != getattr(cfg, ours):

@@ -1,11 +1,12 @@
 """Continued pretraining: start a run from exported or Hugging Face Llama weights.
 
 `trainer.init_from` names a Hugging Face Llama directory (config.json and
-model.safetensors, or a sharded model.safetensors.index.json), or one
-safetensors file with either Hugging Face names or this project's
-(`consolidated.safetensors` from `pretrain-export`). The weights are loaded
-into the freshly built model of whatever layout the run uses, before the
-first step; the optimizer and the schedule start fresh, at step 0.
+model.safetensors, or a sharded model.safetensors.index.json; Qwen3 for a model
+with `model.qk_norm`), or one safetensors file with either Hugging Face names
+or this project's (`consolidated.safetensors` from `pretrain-export`). The
+weights are loaded into the freshly built model of whatever layout the run
+uses, before the first step; the optimizer and the schedule start fresh, at
+step 0.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ KEY = "trainer.init_from"
 def _hf_config(directory: Path) -> dict:
     path = directory / "config.json"
     if not path.is_file():
-        raise ConfigError(f"{KEY}={directory}: no config.json (expected a Hugging Face Llama directory "
+        raise ConfigError(f"{KEY}={directory}: no config.json (expected a Hugging Face Llama or Qwen3 directory "
                           "or a .safetensors file)")
     try:
         return json.loads(path.read_text())

@@ -56,7 +56,8 @@ class Decoder:
                     ("mlp_norm", "pre_mlp_layernorm.weight"),
                     ("fc1", "mlp.linear_fc1.weight"),
                     ("fc2", "mlp.linear_fc2.weight"),
-                )
+                ) + ((("q_norm", "self_attention.q_layernorm.weight"),
+                      ("k_norm", "self_attention.k_layernorm.weight")) if cfg.qk_norm else ())
             })
         self._rotary = torch.empty(0, cfg.head_dim, device=self.device)
 
@@ -110,8 +111,12 @@ class Decoder:
             y = F.rms_norm(x, w["attn_norm"].shape, w["attn_norm"], cfg.norm_eps)
             # megatron-core's fused layout: per query group, its query heads, then one key, one value.
             qkv = (y @ w["qkv"].T).view(batch, seq, groups, per_group + 2, d)
-            q = rotate(qkv[:, :, :, :per_group].reshape(batch, seq, heads, d), cos, sin)
-            k = rotate(qkv[:, :, :, per_group], cos, sin)
+            q = qkv[:, :, :, :per_group].reshape(batch, seq, heads, d)
+            k = qkv[:, :, :, per_group]
+            if cfg.qk_norm:  # each head's channels, before rotating
+                q = F.rms_norm(q, (d,), w["q_norm"], cfg.norm_eps)
+                k = F.rms_norm(k, (d,), w["k_norm"], cfg.norm_eps)
+            q, k = rotate(q, cos, sin), rotate(k, cos, sin)
             v = qkv[:, :, :, per_group + 1]
             q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads or groups, s, d]
             if cache is not None:

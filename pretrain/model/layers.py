@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from megatron.core import tensor_parallel
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -35,6 +35,33 @@ class RMSNorm(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+class HeadNorm(torch.nn.Module):
+    """RMSNorm over each attention head's channels, for queries and keys (`model.qk_norm`).
+
+    Takes [s, b, heads, head_dim]; one weight [head_dim] serves every head. Each
+    tensor-parallel rank holds its own heads, so its gradient of the shared weight
+    covers those heads only: the weight enters the forward through megatron-core's
+    copy to the tensor-parallel region, whose backward sums the gradient over the
+    group (megatron-core's own training loop sums these in `finalize_model_grads`,
+    which a DeepSpeed engine does not run). Queries and keys span the whole
+    sequence even under sequence parallelism (the qkv projection gathered it), so
+    the weight is not marked `sequence_parallel`.
+    """
+
+    def __init__(self, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.tp_group = parallel_state.get_tensor_model_parallel_group() \
+            if parallel_state.get_tensor_model_parallel_world_size() > 1 else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if self.tp_group is not None:
+            weight = tensor_parallel.copy_to_tensor_model_parallel_region(weight, self.tp_group)
+        return F.rms_norm(x, weight.shape, weight, self.eps)
 
 
 class SDPAttention(MegatronModule):
@@ -106,14 +133,15 @@ class ColumnParallelLinear(tensor_parallel.ColumnParallelLinear):
 
 class OutputLayer(ColumnParallelLinear):
     """The vocabulary projection. Given labels, it returns their weighted cross entropy
-    through `parallel.output_loss`, chunk by chunk, without the full logits.
+    (plus `z_loss` times the weighted squared log-sum-exp) through `parallel.output_loss`,
+    chunk by chunk, without the full logits.
 
     The loss goes through this module's call (not a free function on its weight)
     so that whatever DeepSpeed hooks onto the module, such as ZeRO-3's parameter
     gathering, runs as for the logits.
     """
 
-    def forward(self, input_, weight=None, labels=None, token_weights=None, chunk_tokens=None):
+    def forward(self, input_, weight=None, labels=None, token_weights=None, chunk_tokens=None, z_loss=0.0):
         if labels is None:
             return super().forward(input_, weight=weight)
         weight = self.weight if weight is None else weight
@@ -121,7 +149,7 @@ class OutputLayer(ColumnParallelLinear):
             input_ = sequence.gather_from_sequence_parallel_region(input_, self.tp_group)
         elif self.tp_group.size() > 1:
             input_ = tensor_parallel.copy_to_tensor_model_parallel_region(input_, self.tp_group)
-        return chunked_output_loss(input_, weight, labels, token_weights, chunk_tokens, self.tp_group)
+        return chunked_output_loss(input_, weight, labels, token_weights, chunk_tokens, self.tp_group, z_loss)
 
 
 class RowParallelLinear(tensor_parallel.RowParallelLinear):

@@ -1,6 +1,9 @@
 """Llama-style decoder built from megatron-core's tensor-parallel layers.
 
-RMSNorm, SwiGLU, rotary position embeddings and grouped-query attention. The
+RMSNorm, SwiGLU, rotary position embeddings and grouped-query attention, with
+two options of recent recipes: RMSNorm on each head's queries and keys
+(`model.qk_norm`) and z-loss on the output logits (`model.z_loss_multiplier`,
+added to the training loss only: evaluation reports the cross entropy). The
 model only describes the computation: which rank holds which shard is decided
 by megatron-core's `parallel_state`, set up in `parallel/`, before the model is
 built.
@@ -28,8 +31,11 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from parallel.output_loss import token_weights
 from parallel.sequence import scatter_to_sequence_parallel_region
 from pretrain.model.config import ModelConfig
+from pretrain.model.cross_entropy import cross_entropy_and_logsumexp
 from pretrain.model.init import initialize_local
-from pretrain.model.layers import ColumnParallelLinear, OutputLayer, RMSNorm, RowParallelLinear, SDPAttention
+from pretrain.model.layers import (
+    ColumnParallelLinear, HeadNorm, OutputLayer, RMSNorm, RowParallelLinear, SDPAttention,
+)
 from pretrain.model.rotary import RotaryTables, apply_rotary_tables
 
 # megatron-core rotates queries and keys through this hook when `apply_rope_fusion`
@@ -63,6 +69,7 @@ def transformer_config(
         kv_channels=cfg.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_eps,
+        qk_layernorm=cfg.qk_norm,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
@@ -90,8 +97,14 @@ def transformer_config(
     )
 
 
-def layer_spec() -> ModuleSpec:
-    """A pre-norm Llama layer: norm → attention → residual, norm → SwiGLU → residual."""
+def layer_spec(qk_norm: bool = False) -> ModuleSpec:
+    """A pre-norm Llama layer: norm → attention → residual, norm → SwiGLU → residual.
+
+    With `qk_norm`, megatron-core's attention normalises each head's queries and keys
+    (over the head's channels, one weight per layer shared by the heads) before
+    rotating them, as its `qk_layernorm` spec does.
+    """
+    head_norm = HeadNorm if qk_norm else IdentityOp
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -103,8 +116,8 @@ def layer_spec() -> ModuleSpec:
                     linear_qkv=ColumnParallelLinear,
                     core_attention=SDPAttention,
                     linear_proj=RowParallelLinear,
-                    q_layernorm=IdentityOp,
-                    k_layernorm=IdentityOp,
+                    q_layernorm=head_norm,
+                    k_layernorm=head_norm,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
@@ -144,7 +157,7 @@ class LlamaModel(torch.nn.Module):
         self.decoder = TransformerBlock(
             config,
             TransformerBlockSubmodules(
-                layer_specs=[layer_spec()] * cfg.num_layers, layer_norm=RMSNorm
+                layer_specs=[layer_spec(cfg.qk_norm)] * cfg.num_layers, layer_norm=RMSNorm
             ),
             pre_process=True,
             post_process=True,
@@ -173,22 +186,24 @@ class LlamaModel(torch.nn.Module):
         """`attention_mask` [b, 1, s, s] is True where attention is cut (None: causal);
         `position_ids` [b, s] restart rotary positions, e.g. at document boundaries.
         With labels, `reduction="none"` gives the loss of every token [b, s] and
-        `"mean"` its mean over the tokens where `loss_mask` [b, s] is set (all if None)."""
+        `"mean"` its mean over the tokens where `loss_mask` [b, s] is set (all if None).
+        In training mode the loss includes the z-loss term when `model.z_loss_multiplier` > 0."""
         if reduction not in ("none", "mean"):
             raise ValueError(f"reduction={reduction!r}: expected 'none' or 'mean'")
         hidden = embed_tokens(self.embedding, tokens, self.config.sequence_parallel)
         rotary = self.rotary(tokens.shape[1], tokens.device, position_ids)
         hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
+        z_loss = self.cfg.z_loss_multiplier if self.training else 0.0
         if labels is not None and reduction == "mean" and self.loss_chunk_tokens:
             labels = labels.transpose(0, 1)  # the hidden states' [s, b] order
             weights = token_weights(labels, None if loss_mask is None else loss_mask.transpose(0, 1))
             return self.output_layer(hidden, weight=weight, labels=labels, token_weights=weights,
-                                     chunk_tokens=self.loss_chunk_tokens)
+                                     chunk_tokens=self.loss_chunk_tokens, z_loss=z_loss)
         logits, _ = self.output_layer(hidden, weight=weight)  # [s, b, vocab / tp]
         if labels is None:
             return logits.transpose(0, 1)
-        loss = per_token_loss(logits, labels)
+        loss = per_token_loss(logits, labels, z_loss)
         return masked_mean(loss, loss_mask) if reduction == "mean" else loss
 
 
@@ -203,12 +218,15 @@ def embed_tokens(embedding: torch.nn.Module, tokens: torch.Tensor, sequence_para
     return hidden
 
 
-def per_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor, z_loss: float = 0.0) -> torch.Tensor:
     """Cross entropy [b, s] of logit shards [s, b, vocab / tp] against labels [b, s], in fp32
-    over the vocabulary shards, without gathering them."""
-    return tensor_parallel.vocab_parallel_cross_entropy(
-        logits.float(), labels.transpose(0, 1).contiguous()
-    ).transpose(0, 1)
+    over the vocabulary shards, without gathering them; plus `z_loss` * logsumexp(logits)^2
+    per token when `z_loss` > 0 (the log-sum-exp taken over the whole vocabulary)."""
+    labels = labels.transpose(0, 1).contiguous()
+    if not z_loss:
+        return tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels).transpose(0, 1)
+    loss, lse = cross_entropy_and_logsumexp(logits, labels)
+    return (loss + z_loss * lse.square()).transpose(0, 1)
 
 
 def masked_mean(per_token_loss: torch.Tensor, loss_mask: torch.Tensor | None) -> torch.Tensor:

@@ -53,7 +53,7 @@ class TransformerLayerStage(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, index: int, seed: int):
         super().__init__()
-        self.layer = build_module(layer_spec(), config=config, layer_number=index + 1)
+        self.layer = build_module(layer_spec(cfg.qk_norm), config=config, layer_number=index + 1)
         named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
         initialize_local(named, cfg, seed)
         self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base)
@@ -123,6 +123,24 @@ def vocab_parallel_loss(logits: torch.Tensor, labels) -> torch.Tensor:
     return masked_mean(per_token_loss(logits, labels), loss_mask)
 
 
+class ZLossVocabParallelLoss(torch.nn.Module):
+    """`vocab_parallel_loss` plus z-loss (`model.z_loss_multiplier`) while training.
+
+    A module rather than a function: DeepSpeed's `PipelineModule` keeps its loss
+    function as an attribute, which makes this a child of the pipeline, so the
+    engine's train() and eval() reach it. Evaluation then reports the cross
+    entropy alone, as `LlamaModel` does.
+    """
+
+    def __init__(self, z_loss: float):
+        super().__init__()
+        self.z_loss = z_loss
+
+    def forward(self, logits: torch.Tensor, labels) -> torch.Tensor:
+        labels, loss_mask = labels if isinstance(labels, tuple) else (labels, None)
+        return masked_mean(per_token_loss(logits, labels, self.z_loss if self.training else 0.0), loss_mask)
+
+
 def build_pipeline(
     cfg: ModelConfig, config: TransformerConfig, padded_vocab: int, seed: int,
     stages: int, tensor: int, data: int, partition: str = "uniform",
@@ -134,7 +152,8 @@ def build_pipeline(
         specs.append(embedding_spec(cfg, config, padded_vocab, seed, forward_fn=tied_output_logits))
     # "uniform" balances transformer layers; "parameters" balances parameter counts.
     method = "type:TransformerLayerStage" if partition == "uniform" else "parameters"
-    return pipeline_module(specs, vocab_parallel_loss, stages, tensor, data, method)
+    loss_fn = ZLossVocabParallelLoss(cfg.z_loss_multiplier) if cfg.z_loss_multiplier else vocab_parallel_loss
+    return pipeline_module(specs, loss_fn, stages, tensor, data, method)
 
 
 # The key of the tied embedding: its parameters are named `tied_modules.embedding.embedding.*`.

@@ -85,7 +85,13 @@ def validation_batches(train_config: dict) -> Iterator[np.ndarray]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pretrain-eval", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pretrain-eval", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pretrain-eval runs/default --valid                      # the run's own validation batches\n"
+               "  pretrain-eval runs/default --data .cache/data/<dir>/valid --batches 8 --batch-size 8\n"
+               "  pretrain-eval runs/default/checkpoints/step_0000300 --text notes.txt --json")
     parser.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="token shard prefix (PREFIX.bin and PREFIX.idx)")
@@ -93,10 +99,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     source.add_argument("--valid", action="store_true",
                         help="the run's own validation batches, as the trainer evaluates them")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the run's data.seq_len)")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=8, help="sequences per batch (default: 8)")
     parser.add_argument("--batches", type=int, help="score this many batches (default: all of --data once)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (default: auto, a GPU when there is one)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="the weights' and activations' type (default: fp32)")
     parser.add_argument("--tokenizer", help="SentencePiece model for --text (default: the run directory's)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     args = parser.parse_args(argv)
@@ -111,8 +119,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.text is not None:
         try:
             args.text_content = Path(args.text).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            fail(f"{args.text}: {getattr(err, 'strerror', None) or err}")
+        except UnicodeDecodeError as err:  # worded as the data pipeline words it
+            fail(f"{args.text}: not UTF-8 text ({err.reason} at byte {err.start})")
+        except OSError as err:
+            fail(f"{args.text}: {err.strerror or err}")
     if args.device == "cuda" and not torch.cuda.is_available():
         fail("--device=cuda: no CUDA device is visible")
     return args

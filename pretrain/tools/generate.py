@@ -84,17 +84,31 @@ def generate(
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="pretrain-generate", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pretrain-generate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               '  pretrain-generate runs/default --prompt "def fibonacci(n):" --max-new-tokens 80\n'
+               '  pretrain-generate runs/default/checkpoints/step_0000300 --prompt "import os" --temperature 0\n'
+               '  pretrain-generate runs/default --temperature 0.8 --top-p 0.95 --seed 7')
     parser.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a checkpoint directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a new document)")
-    parser.add_argument("--max-new-tokens", type=int, default=100)
-    parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
-    parser.add_argument("--top-k", type=int, default=50, help="0: no top-k filtering")
-    parser.add_argument("--top-p", type=float, default=0.95, help="1: no nucleus filtering")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=100,
+                        help="tokens to generate, cut (with a note) so that prompt and output fit "
+                             "model.max_seq_len (default: 100)")
+    parser.add_argument("--temperature", type=float, default=0.8,
+                        help="sampling temperature; 0: greedy, deterministic (default: 0.8)")
+    parser.add_argument("--top-k", type=int, default=50, help="sample from the k likeliest tokens; 0: no top-k "
+                                                              "filtering (default: 50)")
+    parser.add_argument("--top-p", type=float, default=0.95,
+                        help="nucleus sampling: the likeliest tokens up to this probability mass; 1: no nucleus "
+                             "filtering (default: 0.95)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default: 0)")
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="where the model runs (default: auto, a GPU when there is one)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                        help="the weights' and activations' type (default: fp32)")
     parser.add_argument("--tokenizer", help="SentencePiece model (default: the run directory's)")
     args = parser.parse_args(argv)
     for key in ("max_new_tokens", "top_k"):

@@ -28,8 +28,13 @@ def format_plan(rows: list[tuple[str, int, RankMemory]]) -> str:
 def cli(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="pretrain-plan",
-        description="Bytes of parameters, gradients and optimizer states per rank, predicted "
+        description="Bytes of parameters, gradients and optimizer states per rank, predicted\n"
                     "for a config without allocating anything. Takes the same overrides as pretrain.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pretrain-plan model=llama_8b parallel.tensor=8 parallel.pipeline=2 parallel.zero_stage=1 "
+               "parallel.precision=bf16 --world-size 64\n"
+               "  pretrain-plan model=llama_1b parallel.zero_stage=3 parallel.offload_optimizer=true --world-size 8",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_8b parallel.tensor=8")
     parser.add_argument("--world-size", type=int, default=1, help="number of ranks (default 1)")

@@ -43,13 +43,13 @@ def read_metrics(run_dir: str | Path) -> dict[str, tuple[list[int], list[float]]
     if not path.is_file():
         raise MetricsError(f"{path}: not found (is {run_dir} a run directory?)")
     by_step: dict[str, dict[int, float]] = {}
-    lines = path.read_text().splitlines()
+    lines = path.read_bytes().splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
-        except json.JSONDecodeError:
+        except ValueError:  # not JSON, or not UTF-8
             if number == len(lines):  # a line cut short by a killed run
                 break
             raise MetricsError(f"{path}:{number}: not a JSON record") from None
@@ -91,20 +91,48 @@ def build_figure(runs: list[RunCurves]):
     return figure
 
 
+def check_output(output: Path) -> None:
+    """Refuses an output path that cannot become an image file, before any run is read."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = FigureCanvasBase.get_supported_filetypes()
+    suffix = output.suffix.lstrip(".").lower()
+    if suffix and suffix not in formats:
+        raise MetricsError(f"-o {output}: unknown image format .{suffix}; expected one of "
+                           f"{', '.join('.' + f for f in sorted(formats))}")
+    if output.is_dir():
+        raise MetricsError(f"-o {output}: a directory, expected the path of an image file")
+    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise MetricsError(f"-o {output}: lies below the file {blocking}; expected a directory there")
+
+
 def plot_runs(run_dirs: list[str | Path], output: str | Path):
     """Reads the runs and writes the PNG; returns the figure (its lines hold the plotted data)."""
+    output = Path(output)
+    check_output(output)
     run_dirs = [Path(p) for p in run_dirs]
     runs = [RunCurves(label, read_metrics(p)) for label, p in zip(run_labels(run_dirs), run_dirs)]
     figure = build_figure(runs)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output, dpi=100)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(output, dpi=100)
+    except OSError as err:  # e.g. a directory that cannot be written
+        raise MetricsError(f"-o {output}: cannot write it ({err.strerror or err})") from None
     return figure
 
 
 def main(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="pretrain-plot", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="pretrain-plot", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="examples:\n"
+               "  pretrain-plot runs/default                      # writes metrics.png\n"
+               "  pretrain-plot runs/a runs/b -o compare.png      # runs overlaid, one colour each")
     parser.add_argument("run_dirs", nargs="+", help="run directories (each with a metrics.jsonl)")
-    parser.add_argument("-o", "--output", default="metrics.png", help="PNG file to write")
+    parser.add_argument("-o", "--output", default="metrics.png",
+                        help="image file to write; its suffix picks the format: .png, .pdf, .svg, ... "
+                             "(default: metrics.png)")
     args = parser.parse_args(argv)
     try:
         plot_runs(args.run_dirs, args.output)

@@ -1,4 +1,4 @@
-"""Deterministic fault injection for the resume and guard tests, driven by PRETRAIN_FAULT.
+"""Deterministic fault injection for the resume, guard and spike tests, driven by PRETRAIN_FAULT.
 
 Unset, nothing here does anything. Otherwise PRETRAIN_FAULT holds entries
 separated by `;`, each `POINT=STEPS` or `POINT=STEPS@RANK`:
@@ -8,6 +8,9 @@ separated by `;`, each `POINT=STEPS` or `POINT=STEPS@RANK`:
     nan_loss=5,6,7       the loss of steps 5, 6 and 7 becomes NaN, and so do its gradients
                          (the first time each is computed: a transient fault that a
                          rollback leaves behind)
+    loss_spike=6         the loss of step 6 is multiplied by SPIKE_FACTOR, and so are its
+                         gradients: a finite spike (its first micro-batch's, the first
+                         time the step is computed, as for nan_loss)
 
 `@RANK` limits an entry to one global rank.
 """
@@ -18,7 +21,8 @@ import os
 import signal
 
 ENV = "PRETRAIN_FAULT"
-POINTS = ("kill_after_step", "kill_in_save", "nan_loss")
+POINTS = ("kill_after_step", "kill_in_save", "nan_loss", "loss_spike")
+SPIKE_FACTOR = 10.0
 
 
 def parse(text: str) -> dict[str, tuple[set[int], int | None]]:
@@ -50,22 +54,26 @@ def kill_if(point: str, step: int, rank: int) -> None:
 
 
 def poison_loss(module, next_step, rank: int):
-    """Multiplies the model's per-token loss by NaN in training steps `nan_loss` names.
+    """Multiplies the model's per-token loss by NaN in training steps `nan_loss` names, and
+    by SPIKE_FACTOR in those `loss_spike` names.
 
     `next_step()` gives the step being computed. Returns the hook handle, or
     None when no loss is to be poisoned.
     """
     text = os.environ.get(ENV)
-    if not text or "nan_loss" not in parse(text):
+    if not text or not {"nan_loss", "loss_spike"} & parse(text).keys():
         return None
 
-    poisoned: set[int] = set()
+    poisoned: set[tuple[str, int]] = set()
 
     def hook(mod, args, output):
         step = next_step()
-        if mod.training and step not in poisoned and active("nan_loss", step, rank):
-            poisoned.add(step)  # one micro-batch is enough to spoil the step
-            return output * float("nan")
+        if not mod.training:
+            return None
+        for point, factor in (("nan_loss", float("nan")), ("loss_spike", SPIKE_FACTOR)):
+            if (point, step) not in poisoned and active(point, step, rank):
+                poisoned.add((point, step))  # one micro-batch is enough to spoil the step
+                return output * factor
         return None
 
     return module.register_forward_hook(hook)

@@ -1,4 +1,6 @@
-"""The loss-spike / NaN guard: skip non-finite updates, roll back or abort when they persist.
+"""The NaN guard: skip non-finite updates, roll back or abort when they persist.
+
+(Finite loss and gradient-norm spikes are `spikes.SpikeDetector`'s business.)
 
 A step whose gradient norm is not finite must not reach the weights. DeepSpeed's
 own mixed-precision and ZeRO optimizers already refuse such a step (the

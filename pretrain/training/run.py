@@ -6,6 +6,7 @@ import json
 import sys
 
 from common.errors import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged
+from common.rank_log import rank_log
 from data_pipeline.training_data import load_training_data
 from parallel.engine import check_precision_supported
 from parallel.groups import Topology, init_process_groups, resolve_device
@@ -28,11 +29,8 @@ def run(cfg: Config, resolved_yaml: str, keep_rank_log: bool = False) -> TrainSt
     cfg.validate_world(topology.world_size)
     # One job at a time: rank 0 holds <run_dir>/.lock from before anything is written into the
     # run directory until this returns or exits; a second job stops here (every rank of it).
-    with hold_run_dir(t.run_dir, topology.rank):
-        if keep_rank_log:  # each rank's output also goes to <run_dir>/logs/rank<r>.log
-            from common.rank_log import rank_log_path, tee_output
-
-            tee_output(rank_log_path(t.run_dir, topology.rank))
+    # Each rank's output also goes to <run_dir>/logs/rank<r>.log (common/rank_log.py).
+    with hold_run_dir(t.run_dir, topology.rank), rank_log(t.run_dir, topology.rank, launched=keep_rank_log):
         return _train(cfg, resolved_yaml, topology, triggers)
 
 

@@ -26,6 +26,7 @@ from pretrain.training import faults
 from pretrain.training.callback import Callback
 from pretrain.training.flops import FlopsMeter
 from pretrain.training.guard import BadStepGuard
+from pretrain.training.spikes import Spike, SpikeDetector
 
 
 @dataclass
@@ -35,7 +36,7 @@ class TrainState:
     valid_history: list = field(default_factory=list)  # (step, loss)
     last_checkpoint_step: int = -1
     train_seconds: float = 0.0
-    skipped_steps: int = 0  # updates refused for a non-finite gradient (or an fp16 overflow)
+    skipped_steps: int = 0  # updates refused: non-finite gradients, an fp16 overflow, a spike (action skip)
 
 
 class Trainer:
@@ -56,6 +57,9 @@ class Trainer:
         self.train_loader, self.valid_batches = train_loader, valid_batches
         self.callbacks, self.sinks = callbacks, sinks
         self.flops, self.guard, self.num_params = flops, guard, num_params
+        self.spikes = SpikeDetector(cfg.trainer.spike)  # its windows are saved with the checkpoints
+        if cfg.trainer.spike.action == "skip":
+            engine.refuse_updates(self.spikes.refuses)
         self.state = TrainState()
         self.tokens_per_step = cfg.trainer.global_batch_size * cfg.data.seq_len
         self.stop_requested = False  # set on SIGTERM, once the checkpoint is saved
@@ -91,6 +95,9 @@ class Trainer:
             if self.guard.check(self.state.step, loss, result.grad_norm, result.skipped) == "rollback":
                 self.rollback(self.guard.reason)
                 continue
+            spike = self.spikes.check(self.state.step, loss, result.grad_norm, result.skipped)
+            if spike is not None and self.handle_spike(spike) == "rollback":
+                continue
             for callback in self.callbacks:
                 callback.on_step_end(self, metrics)
             faults.kill_if("kill_after_step", self.state.step, self.topology.rank)
@@ -100,6 +107,18 @@ class Trainer:
         for callback in self.sinks if self.stop_requested else self.callbacks:
             callback.on_train_end(self)
         return self.state
+
+    def handle_spike(self, spike: Spike) -> str:
+        """Records a spike and rolls back when asked to; returns the action taken."""
+        no_checkpoint = (spike.action == "rollback" and self.checkpointer.pending is None
+                         and self.checkpointer.latest() is None)
+        if no_checkpoint:
+            spike.action = "log"
+        self.log(spike.record())
+        self.print(spike.describe() + (" (no checkpoint to roll back to yet)" if no_checkpoint else ""))
+        if spike.action == "rollback":
+            self.rollback(f"step {spike.step}: a spike ({', '.join(spike.zscores)}; trainer.spike.action=rollback)")
+        return spike.action
 
     # --- what the callbacks use -------------------------------------------------------------
 
@@ -133,6 +152,7 @@ class Trainer:
             "trainer": dataclasses.asdict(self.state) | {"last_checkpoint_step": self.state.step},
             "loader": self.train_loader.state_dict(),
             "config": dataclasses.asdict(self.cfg),
+            "spikes": self.spikes.state_dict(),
             "tokenizer_hash": tokenizer.hash if tokenizer else None,
             "wandb_run_id": wandb_run_id,
         }
@@ -155,6 +175,7 @@ class Trainer:
                                     f"{tokenizer.hash[:12]}")
         self.state = TrainState(**client_state["trainer"])
         self.train_loader.load_state_dict(client_state["loader"])
+        self.spikes.load_state_dict(client_state.get("spikes"))
 
     def rollback(self, reason: str) -> None:
         """Back to the newest checkpoint, with the loader kept where it is: the data that
