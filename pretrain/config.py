@@ -156,7 +156,8 @@ class LoggerConfig:
     kind: Literal["console", "wandb", "tensorboard"] = "console"
     project: str = "pretrain"  # W&B project
     name: str | None = None  # W&B run name
-    mode: Literal["auto", "online", "offline", "disabled"] = "auto"  # W&B; auto: online with a key
+    # W&B; auto follows WANDB_MODE, else online with WANDB_API_KEY, else offline
+    mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     # Peak FLOP/s of one device for MFU; None: looked up for known GPUs, else MFU is not reported.
     peak_flops: float | None = None
 
