@@ -7,6 +7,12 @@ same stream. The child runs in its own session and ignores the signals a job
 receives (SIGTERM on cancel, SIGUSR1 before a time limit): it ends when the
 rank's last descriptor closes, after writing everything out, even when the
 rank was killed. A restarted or requeued rank appends to the same file.
+
+That is the verbose mode (`trainer.verbose=true`), where the console shows
+everything too. By default the console shows only the project's lines and
+the warnings that matter (`common.console`): the log then takes the file
+descriptors themselves, no `tee` needed, and every rank keeps one, a
+single-process run included.
 """
 
 from __future__ import annotations
@@ -16,7 +22,12 @@ import shutil
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
+
+from common import console
+from common.errors import UserError
 
 _IGNORED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -28,6 +39,37 @@ def _ignore_job_signals() -> None:
 
 def rank_log_path(run_dir: str | os.PathLike, rank: int) -> Path:
     return Path(run_dir) / "logs" / f"rank{rank}.log"
+
+
+@contextmanager
+def rank_log(run_dir: str | os.PathLike, rank: int, launched: bool) -> Iterator[None]:
+    """This rank's output in `<run_dir>/logs/rank<r>.log` for the block (and what waited for it
+    since `console.quiet()`). Enter it only while the run directory's lock is held. In the
+    default console mode, a run that refuses to start (bad input found under the lock, e.g. an
+    empty corpus, a checkpoint of another tokenizer) before it has written anything takes the
+    log back with it, leaving its directory as it found it; after any other end the log stays."""
+    path = rank_log_path(run_dir, rank)
+    before = _entries(run_dir)
+    if console.is_quiet():
+        console.keep_log(path)
+    elif launched:  # verbose: a launched rank's console is a pipe; tee it
+        tee_output(path)
+    try:
+        yield
+    except (UserError, FileNotFoundError):  # what `pretrain` reports as bad input
+        if _entries(run_dir) == before:
+            console.forget_log()
+        raise
+
+
+def _entries(run_dir: str | os.PathLike) -> dict[str, int]:
+    """The run directory's entries and their modification times, its log and its lock aside:
+    they change when the run writes a file (config.yaml, metrics, a checkpoint)."""
+    try:
+        return {e.name: e.stat(follow_symlinks=False).st_mtime_ns for e in os.scandir(run_dir)
+                if e.name != "logs" and not e.name.startswith(".lock")}
+    except OSError:
+        return {}
 
 
 def tee_output(path: Path) -> bool:

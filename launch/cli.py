@@ -9,7 +9,8 @@ overrides configure the launcher; all others go to `pretrain`. Everything is
 validated here, before a process starts or a job waits in a queue, and the
 values every rank must agree on are resolved once here and passed down: the
 run directory (made absolute, so every node and every rerun of a Slurm job
-names the same one) and any `${now:...}` value.
+names the same one) and any `${now:...}` value. `--help` shows
+configs/hydra/help/launch.yaml: the launchers and every key of each.
 """
 
 from __future__ import annotations
@@ -187,6 +188,10 @@ def cli() -> None:
     args = sys.argv[1:]
     if "--dry-run" in args:
         args = [a for a in args if a != "--dry-run"] + ["launcher.dry_run=true"]
+    if "--help" in args or "-h" in args:  # the launchers, their keys and --dry-run
+        # configs/hydra/help/launch.yaml, next to the other overrides (Hydra takes them in one run)
+        at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+        args = [*args[:at], "hydra/help=launch", *args[at:]]
     multirun = any(a in ("-m", "--multirun") for a in args)
     overrides = [a for a in args if not a.startswith("-")]
     if not any(a.startswith("-") and a not in ("-m", "--multirun") for a in args):  # not --help, --cfg

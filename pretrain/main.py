@@ -4,6 +4,10 @@ The composed Hydra config becomes typed dataclasses here (`hydra_config`) and
 nowhere else; everything below this file takes plain typed arguments. Every
 bad input below, whichever layer finds it, is a `UserError`: caught here once,
 reported in one line, exit status 2.
+
+Unless `trainer.verbose=true`, the console shows this program's own lines and
+the warnings that matter; what the libraries and compilers below print goes
+to the run's log (common/console.py). `--help` shows configs/hydra/help/pretrain.yaml.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from common import console
 from common.errors import UserError, fail
 from pretrain.hydra_config import CONFIG_DIR, compose_raw, to_config
 
@@ -27,6 +32,8 @@ def hydra_main(raw: DictConfig) -> None:
 
     try:
         cfg = to_config(raw)
+        if not cfg.trainer.verbose:  # third-party output to the run's log (common/console.py)
+            console.quiet()
         cluster = detect()  # torchrun, deepspeed, Slurm or OpenMPI variables
         cfg.validate_world(cluster.world_size)
         source_files(cfg.data.sources)  # a missing corpus fails before the heavy imports
@@ -72,6 +79,10 @@ def take_local_rank(argv: list[str]) -> list[str]:
 def cli() -> None:
     sys.argv[1:] = take_local_rank(sys.argv[1:])
     args = sys.argv[1:]
+    if "--help" in args or "-h" in args:  # what pretrain does, then its groups and keys
+        # configs/hydra/help/pretrain.yaml, next to the other overrides (Hydra takes them in one run)
+        at = next((i for i, a in enumerate(args) if "=" in a and not a.startswith("-")), len(args))
+        sys.argv[1:] = [*args[:at], "hydra/help=pretrain", *args[at:]]
     if not any(a in ("-m", "--multirun") or a.startswith("--") and a not in ("--cfg",) for a in args):
         try:  # composed once up front, so that a bad override fails in one line
             compose_raw([a for a in args if "=" in a and not a.startswith("-")])
