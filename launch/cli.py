@@ -104,6 +104,9 @@ def plan(raw: DictConfig) -> tuple[Launcher, Config]:
         check_world(launcher, cfg)
         if not cfg.data.blend:
             source_files(cfg.data.sources)
+        from pretrain.checkpoint.files import check_run_dir
+
+        check_run_dir(cfg.trainer.run_dir)  # a file, or below one: refused before any process starts
         if launcher.kind == "slurm":
             from launch.slurm import check_partition
 

@@ -76,6 +76,18 @@ def take_local_rank(argv: list[str]) -> list[str]:
     return kept
 
 
+# Hydra's flags that take the next argument as their value.
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--info", "-i", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun"}
+
+
+def overrides(args: list[str]) -> list[str]:
+    """The config overrides among the arguments (an argument that is no flag, nor a flag's value):
+    `key=value`, `+key=value`, `~key`, and a mistyped `key` without a value, which fails here."""
+    return [a for i, a in enumerate(args)
+            if not a.startswith("-") and not (i > 0 and args[i - 1] in VALUE_FLAGS)]
+
+
 def cli() -> None:
     sys.argv[1:] = take_local_rank(sys.argv[1:])
     args = sys.argv[1:]
@@ -85,7 +97,7 @@ def cli() -> None:
         sys.argv[1:] = [*args[:at], "hydra/help=pretrain", *args[at:]]
     if not any(a in ("-m", "--multirun") or a.startswith("--") and a not in ("--cfg",) for a in args):
         try:  # composed once up front, so that a bad override fails in one line
-            compose_raw([a for a in args if "=" in a and not a.startswith("-")])
+            compose_raw(overrides(args))
         except UserError as err:
             fail(PROG, str(err))
     hydra_main()

@@ -303,7 +303,3 @@ def truncate(path: Path) -> None:
 def garble(path: Path) -> None:
     """The same number of bytes, none of them the file's."""
     path.write_bytes(bytes((b + 101) % 256 for b in path.read_bytes()))
-
-
-def is_root() -> bool:
-    return os.geteuid() == 0

@@ -190,9 +190,7 @@ LAUNCH = [
          f"trainer.run_dir={{run}}: in use by pid {os.getpid()}", setup=World.hold),
     case("launch-local-run-dir-is-a-file", "pretrain-launch",
          lambda w: ["--dry-run", "launcher=local", f"trainer.run_dir={w.file('runs', 'x')}"],
-         "trainer.run_dir={tmp}/runs: a file, expected a directory",
-         xfail="launch/cli.py: plan() checks the run directory only for launcher=slurm; the local, torchrun "
-               "and deepspeed launchers start their processes on a run directory that is a file"),
+         "trainer.run_dir={tmp}/runs: a file, expected a directory"),
 ]
 
 PLOT = [
