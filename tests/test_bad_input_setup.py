@@ -23,7 +23,6 @@ import hashlib
 import importlib
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
