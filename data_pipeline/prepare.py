@@ -93,7 +93,7 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
-def prepare_data(cfg: DataConfig, log=print) -> PreparedData:
+def prepare_data(cfg: DataConfig, log=print, announce_reuse: bool = True) -> PreparedData:
     directory = cache_directory(cfg)  # fails on a missing source before anything is written
     corpus = directory / "shards"
     manifest_path = corpus / MANIFEST
@@ -101,7 +101,8 @@ def prepare_data(cfg: DataConfig, log=print) -> PreparedData:
         manifest = json.loads(manifest_path.read_text())
         tokenizer = Tokenizer(manifest["tokenizer"])
         check_tokenizer(manifest, manifest_path, tokenizer)
-        log(f"data: reusing {directory} ({manifest['tokens']:,} tokens)")
+        if announce_reuse:
+            log(f"data: reusing {directory} ({manifest['tokens']:,} tokens)")
         return PreparedData(directory, tokenizer, corpus, manifest)
 
     cleaning = cleaning_config(cfg)

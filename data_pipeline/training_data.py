@@ -35,10 +35,10 @@ def load_training_data(cfg: DataConfig, rank: int, log=print) -> TrainingData:
                 prepare_data(cfg, log=log)
         if dist.is_initialized():
             dist.barrier()
-    return training_data(cfg, log if rank == 0 else (lambda *_: None))
+    return training_data(cfg, log if rank == 0 else (lambda *_: None), announce_reuse=False)
 
 
-def training_data(cfg: DataConfig, log=print) -> TrainingData:
+def training_data(cfg: DataConfig, log=print, announce_reuse: bool = True) -> TrainingData:
     """The train and validation datasets of a data config (needs no process group).
 
     With `blend`, the preprocessed corpora are mixed by weight instead (each
@@ -55,7 +55,8 @@ def training_data(cfg: DataConfig, log=print) -> TrainingData:
         corpora = [open_corpus(entry.path, tokenizer) for entry in cfg.blend]  # same tokenizer for all
         weights = [entry.weight for entry in cfg.blend]
     else:
-        prepared = prepare_data(cfg, log=log)  # found in the cache after the first call
+        # Found in the cache after the first call (which said so already, if `announce_reuse` is off).
+        prepared = prepare_data(cfg, log=log, announce_reuse=announce_reuse)
         tokenizer = prepared.tokenizer
         corpora, weights = [open_corpus(prepared.corpus, tokenizer)], [1.0]
     eod = EodOptions(tokenizer.eos_id, cfg.eod_mask_loss, cfg.reset_position_ids, cfg.reset_attention_mask)

@@ -155,6 +155,8 @@ EXPORT = [
          "{other_tokenizer}: tokenizer "),
     case("export-out-is-a-file", "pretrain-export", lambda w: [str(w.run), str(w.file("hf", "x"))],
          "{tmp}/hf: exists and is not a directory"),
+    case("export-out-below-a-file", "pretrain-export", lambda w: [str(w.run), str(w.file("hf", "x") / "out")],
+         "{tmp}/hf/out: lies below the file {tmp}/hf; expected a directory"),
     case("export-out-not-empty", "pretrain-export", lambda w: [str(w.run), f"{w.tmp}/hf"],
          "{tmp}/hf: exists and is not empty; pass --force", setup=lambda w: w.file("hf/notes.txt", "keep me\n")),
 ]

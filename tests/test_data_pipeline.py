@@ -368,3 +368,16 @@ def test_truncated_mismatched_shards_and_foreign_tokenizer(corpus_dir, shards, t
         preprocess(PreprocessJob([str(corpus_dir)], str(other.path), str(shards)), log=lambda *_: None)
     result = cli("check", str(shards), "--tokenizer", str(other.path), cwd=tmp_path)
     assert "manifest.json: written with tokenizer" in one_error(result)
+
+
+def test_a_run_says_once_what_data_it_built_or_reused(corpus_dir, tmp_path):
+    from data_pipeline.config import DataConfig, TokenizerConfig
+    from data_pipeline.training_data import load_training_data
+
+    cfg = DataConfig(sources=[str(corpus_dir)], cache_dir=str(tmp_path / "cache"), seq_len=32,
+                     tokenizer=TokenizerConfig(vocab_size=320))
+    for run in ("built", "reused"):
+        lines: list[str] = []
+        load_training_data(cfg, rank=0, log=lambda *args: lines.append(" ".join(map(str, args))))
+        reusing = [line for line in lines if line.startswith("data: reusing")]
+        assert len(reusing) == (1 if run == "reused" else 0), lines

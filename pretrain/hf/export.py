@@ -142,6 +142,9 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir}: exists and is not a directory")
+    below = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    if below is not None:
+        raise FileExistsError(f"{out_dir}: lies below the file {below}; expected a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
         raise FileExistsError(f"{out_dir}: exists and is not empty; pass --force to replace it")
     check_complete(find_checkpoint(source))  # a missing or partial checkpoint fails before anything is read
