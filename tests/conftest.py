@@ -35,6 +35,17 @@ def pytest_runtest_setup(item):
         missing_prerequisite(f"needs root ({what}), and this process runs as uid {os.geteuid()}")
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: a busy 2-core machine runs several test processes at once."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def single_process_groups():
     """megatron-core's parallel_state for a world of one (gloo, CPU), shared by a test session."""

@@ -16,13 +16,7 @@ from pretrain.checkpoint import files as checkpoint
 from pretrain.checkpoint.rng_state import capture_rng_state
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: a busy 2-core machine runs several test processes at once."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def test_contents_commit_partials_and_retention(single_process_groups, tmp_path):

@@ -19,12 +19,7 @@ from pretrain.config import Config, ConfigError, SpikeConfig, from_dict
 from pretrain.training.spikes import SpikeDetector
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 def noisy_curve(steps: int, seed: int = 0) -> list[tuple[float, float]]:
