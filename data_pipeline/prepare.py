@@ -20,6 +20,7 @@ from typing import Iterator
 from data_pipeline.cleaning import CleaningConfig, Report, clean_records
 from data_pipeline.corpus import CorpusError, Document, fingerprint
 from data_pipeline.preprocess import MANIFEST, PreprocessJob, check_tokenizer, preprocess
+from data_pipeline.shards import read_manifest
 from data_pipeline.sources import read_records, resolve_inputs
 from data_pipeline.tokenizer import Tokenizer, TokenizerError, TrainingFailed, train_tokenizer
 from data_pipeline.config import DataConfig
@@ -93,16 +94,15 @@ def first_missing(path: Path) -> Path | None:
     return missing
 
 
-def prepare_data(cfg: DataConfig, log=print, announce_reuse: bool = True) -> PreparedData:
+def prepare_data(cfg: DataConfig, log=print) -> PreparedData:
     directory = cache_directory(cfg)  # fails on a missing source before anything is written
     corpus = directory / "shards"
     manifest_path = corpus / MANIFEST
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = read_manifest(manifest_path)
         tokenizer = Tokenizer(manifest["tokenizer"])
         check_tokenizer(manifest, manifest_path, tokenizer)
-        if announce_reuse:
-            log(f"data: reusing {directory} ({manifest['tokens']:,} tokens)")
+        log(f"data: reusing {directory} ({manifest['tokens']:,} tokens)")
         return PreparedData(directory, tokenizer, corpus, manifest)
 
     cleaning = cleaning_config(cfg)

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from data_pipeline.blend import BlendedDataset
 from data_pipeline.config import DataConfig
 from data_pipeline.dataset import EodOptions, PackedSequenceDataset
-from data_pipeline.prepare import prepare_data
+from data_pipeline.prepare import PreparedData, prepare_data
 from data_pipeline.shards import manifest_tokenizer, open_corpus, split_documents
 from data_pipeline.tokenizer import Tokenizer
 
@@ -25,6 +25,7 @@ class TrainingData:
 def load_training_data(cfg: DataConfig, rank: int, log=print) -> TrainingData:
     """Every rank's datasets. Rank 0 builds the tokenizer and shards first; the other ranks
     then find them cached (all ranks wait at a barrier when a process group is up)."""
+    prepared = None
     if not cfg.blend:
         if rank == 0:
             if cfg.streaming:
@@ -32,18 +33,19 @@ def load_training_data(cfg: DataConfig, rank: int, log=print) -> TrainingData:
 
                 streaming_tokenizer(cfg, log=log)
             else:
-                prepare_data(cfg, log=log)
+                prepared = prepare_data(cfg, log=log)
         if dist.is_initialized():
             dist.barrier()
-    return training_data(cfg, log if rank == 0 else (lambda *_: None), announce_reuse=False)
+    return training_data(cfg, log if rank == 0 else (lambda *_: None), prepared)
 
 
-def training_data(cfg: DataConfig, log=print, announce_reuse: bool = True) -> TrainingData:
+def training_data(cfg: DataConfig, log=print, prepared: PreparedData | None = None) -> TrainingData:
     """The train and validation datasets of a data config (needs no process group).
 
     With `blend`, the preprocessed corpora are mixed by weight instead (each
     split by document into train and validation), all read with the tokenizer
-    of the first; otherwise `sources` are prepared and split.
+    of the first; otherwise `sources` are prepared (unless `prepared` already
+    holds them) and split.
     """
     if cfg.streaming:  # no shards: a stream spec to train on, held-out documents to validate on
         from data_pipeline.streaming import streaming_data
@@ -55,8 +57,7 @@ def training_data(cfg: DataConfig, log=print, announce_reuse: bool = True) -> Tr
         corpora = [open_corpus(entry.path, tokenizer) for entry in cfg.blend]  # same tokenizer for all
         weights = [entry.weight for entry in cfg.blend]
     else:
-        # Found in the cache after the first call (which said so already, if `announce_reuse` is off).
-        prepared = prepare_data(cfg, log=log, announce_reuse=announce_reuse)
+        prepared = prepared or prepare_data(cfg, log=log)  # found in the cache on the ranks after the first
         tokenizer = prepared.tokenizer
         corpora, weights = [open_corpus(prepared.corpus, tokenizer)], [1.0]
     eod = EodOptions(tokenizer.eos_id, cfg.eod_mask_loss, cfg.reset_position_ids, cfg.reset_attention_mask)

@@ -144,25 +144,14 @@ def write_script(text: str, run_dir: Path) -> Path:
     return path
 
 
-def check_not_running(run_dir: Path) -> None:
-    """Refuses a run directory that is no directory, or that a live job holds: its script
-    and logs are left as they are."""
-    from pretrain.checkpoint.files import check_run_dir
-    from pretrain.checkpoint.run_lock import RunDirLock, RunDirError
-
-    check_run_dir(run_dir)
-    holder = RunDirLock(run_dir).busy()
-    if holder is not None:
-        raise RunDirError(f"trainer.run_dir={run_dir}: {holder.describe()}; wait for it to end or choose "
-                          "another trainer.run_dir")
-
-
 def submit_slurm(cfg: SlurmLauncher, overrides: list[str], run_dir: Path) -> int:
     sbatch = shutil.which(cfg.sbatch)
     if sbatch is None and not cfg.dry_run:
         raise ConfigError(f"launcher.sbatch={cfg.sbatch}: not installed (no such command on PATH); "
                           "install Slurm's client commands, or pass --dry-run to only write the script")
-    check_not_running(run_dir)
+    from pretrain.checkpoint.run_lock import RunDirLock
+
+    RunDirLock(run_dir).check_free()  # a live job's script and logs are left as they are
     script = write_script(render_sbatch(cfg, overrides, run_dir, Path.cwd()), run_dir)
     log = output_path(cfg, run_dir)
     if "%" not in str(log.parent):

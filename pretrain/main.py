@@ -55,7 +55,7 @@ def hydra_main(raw: DictConfig) -> None:
     from pretrain.training.run import run  # heavy imports only once the config is known to be good
 
     try:
-        run(cfg, OmegaConf.to_yaml(raw), keep_rank_log=cluster.launched)
+        run(cfg, OmegaConf.to_yaml(raw), launched=cluster.launched)
     except (UserError, FileNotFoundError) as err:
         fail(PROG, str(err))
 

@@ -151,6 +151,10 @@ class Checkpointer:
             restore_rng_state(rng)
         return client_state
 
+    def has_checkpoint(self) -> bool:
+        """Whether there is a checkpoint to roll back to (committed, or in flight)."""
+        return self.pending is not None or self.latest() is not None
+
     def rollback(self, reason: str, step: int) -> tuple[Path, dict]:
         """Loads the newest checkpoint after bad steps at training step `step`; returns its path
         and client state. Refuses (TrainingDiverged) when there is none, or after too many

@@ -185,18 +185,22 @@ class RunDirLock:
             if verdict == "watch":
                 verdict, holder = self._watch(holder)
             if verdict == "refuse":
-                raise RunDirError(f"trainer.run_dir={self.run_dir}: {holder.describe()}; "
-                                  "wait for it to end or choose another trainer.run_dir")
+                raise self.refusal(holder)
             if verdict == "stale" and self._take_over(holder):
                 return
         raise RunDirError(f"trainer.run_dir={self.run_dir}: its lock {self.path} kept changing while "
                           "this job tried to take it; another job is starting on it")
 
-    def busy(self) -> Holder | None:
-        """The live job holding the lock, if one does (reads only: for a launcher deciding
-        whether it may write into the run directory)."""
+    def check_free(self) -> None:
+        """Raises the refusal `acquire` would when a live job holds the lock; reads only (for a
+        launcher deciding whether it may write into the run directory)."""
         holder = self.read()
-        return holder if holder is not None and self._judge(holder) != "stale" else None
+        if holder is not None and self._judge(holder) != "stale":
+            raise self.refusal(holder)
+
+    def refusal(self, holder: Holder) -> RunDirError:
+        return RunDirError(f"trainer.run_dir={self.run_dir}: {holder.describe()}; "
+                           "wait for it to end or choose another trainer.run_dir")
 
     def release(self) -> None:
         """Stops the heartbeat and removes the lock, if it is still ours."""

@@ -49,9 +49,7 @@ class _CrossEntropyAndLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse):
         softmax, local, mine = ctx.saved_tensors
-        if grad_loss is None:
-            grad_loss = torch.zeros_like(grad_lse)
-        scale = grad_loss if grad_lse is None else grad_loss + grad_lse
+        scale = grad_loss + grad_lse  # both outputs are used, so neither gradient is None
         grad = softmax.mul_(scale.unsqueeze(-1))
         grad.scatter_add_(-1, local.unsqueeze(-1), -(grad_loss * mine).unsqueeze(-1))
         return grad, None

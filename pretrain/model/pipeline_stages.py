@@ -117,22 +117,17 @@ def tied_output_logits(stage: EmbeddingStage, hidden: torch.Tensor) -> torch.Ten
     return torch.matmul(hidden, weight.t())
 
 
-def vocab_parallel_loss(logits: torch.Tensor, labels) -> torch.Tensor:
-    """Mean loss over the tokens; `labels` is ids [b, s] or (ids, loss mask [b, s])."""
-    labels, loss_mask = labels if isinstance(labels, tuple) else (labels, None)
-    return masked_mean(per_token_loss(logits, labels), loss_mask)
-
-
-class ZLossVocabParallelLoss(torch.nn.Module):
-    """`vocab_parallel_loss` plus z-loss (`model.z_loss_multiplier`) while training.
+class VocabParallelLoss(torch.nn.Module):
+    """Mean loss over the tokens, plus z-loss (`model.z_loss_multiplier`) while training;
+    `labels` is ids [b, s] or (ids, loss mask [b, s]).
 
     A module rather than a function: DeepSpeed's `PipelineModule` keeps its loss
     function as an attribute, which makes this a child of the pipeline, so the
     engine's train() and eval() reach it. Evaluation then reports the cross
-    entropy alone, as `LlamaModel` does.
+    entropy alone, as `LlamaModel` does. It holds no parameters.
     """
 
-    def __init__(self, z_loss: float):
+    def __init__(self, z_loss: float = 0.0):
         super().__init__()
         self.z_loss = z_loss
 
@@ -152,8 +147,7 @@ def build_pipeline(
         specs.append(embedding_spec(cfg, config, padded_vocab, seed, forward_fn=tied_output_logits))
     # "uniform" balances transformer layers; "parameters" balances parameter counts.
     method = "type:TransformerLayerStage" if partition == "uniform" else "parameters"
-    loss_fn = ZLossVocabParallelLoss(cfg.z_loss_multiplier) if cfg.z_loss_multiplier else vocab_parallel_loss
-    return pipeline_module(specs, loss_fn, stages, tensor, data, method)
+    return pipeline_module(specs, VocabParallelLoss(cfg.z_loss_multiplier), stages, tensor, data, method)
 
 
 # The key of the tied embedding: its parameters are named `tied_modules.embedding.embedding.*`.

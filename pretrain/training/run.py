@@ -18,7 +18,7 @@ from pretrain.training.preemption import SaveTriggers
 from pretrain.training.trainer import TrainState
 
 
-def run(cfg: Config, resolved_yaml: str, keep_rank_log: bool = False) -> TrainState:
+def run(cfg: Config, resolved_yaml: str, launched: bool = False) -> TrainState:
     t = cfg.trainer
     device = resolve_device(t.device)
     check_precision_supported(cfg.parallel.precision, device, cfg.parallel.zero_stage)  # before any data or model work
@@ -30,7 +30,7 @@ def run(cfg: Config, resolved_yaml: str, keep_rank_log: bool = False) -> TrainSt
     # One job at a time: rank 0 holds <run_dir>/.lock from before anything is written into the
     # run directory until this returns or exits; a second job stops here (every rank of it).
     # Each rank's output also goes to <run_dir>/logs/rank<r>.log (common/rank_log.py).
-    with hold_run_dir(t.run_dir, topology.rank), rank_log(t.run_dir, topology.rank, launched=keep_rank_log):
+    with hold_run_dir(t.run_dir, topology.rank), rank_log(t.run_dir, topology.rank, launched=launched):
         return _train(cfg, resolved_yaml, topology, triggers)
 
 

@@ -110,8 +110,7 @@ class Trainer:
 
     def handle_spike(self, spike: Spike) -> str:
         """Records a spike and rolls back when asked to; returns the action taken."""
-        no_checkpoint = (spike.action == "rollback" and self.checkpointer.pending is None
-                         and self.checkpointer.latest() is None)
+        no_checkpoint = spike.action == "rollback" and not self.checkpointer.has_checkpoint()
         if no_checkpoint:
             spike.action = "log"
         self.log(spike.record())
