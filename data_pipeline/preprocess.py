@@ -39,6 +39,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from common.paths import file_above
 from data_pipeline.cleaning import (
     CleaningConfig, DataError, Deduplicator, Report, bytes_hash, clean_records,
 )
@@ -201,7 +202,7 @@ def preprocess(job: PreprocessJob, log: Callable[[str], None] = print, phase: st
     output = Path(job.output)
     if output.exists() and not output.is_dir():
         raise DataError(f"{output}: exists and is not a directory")
-    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_above(output)
     if blocking is not None:
         raise DataError(f"{output}: lies below the file {blocking}; expected a directory")
     tokenizer = Tokenizer(job.tokenizer)

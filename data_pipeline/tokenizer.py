@@ -12,6 +12,7 @@ from typing import Iterable
 import sentencepiece as spm
 
 from common.errors import UserError, first_line
+from common.paths import file_above
 from data_pipeline.corpus import Document
 
 # Ids of the special pieces, fixed so that every tokenizer we train agrees.
@@ -119,11 +120,9 @@ def check_output(output: Path) -> None:
     """Refuses a model path that is a directory, or lies below a file, before any training."""
     if output.is_dir():
         raise TokenizerError(f"{output}: a directory, expected the path of a model file")
-    for place in output.parents:
-        if place.is_dir():
-            return
-        if place.exists():
-            raise TokenizerError(f"{output}: lies below the file {place}; expected a directory there")
+    blocking = file_above(output)
+    if blocking is not None:
+        raise TokenizerError(f"{output}: lies below the file {blocking}; expected a directory there")
 
 
 def _train(prefix: Path, lines: _Lines, vocab_size: int, model_type: str,

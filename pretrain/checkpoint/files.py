@@ -27,6 +27,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from common.errors import UserError, first_line
+from common.paths import file_above
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"  # the tag of the newest complete checkpoint, for tools that read a pointer
@@ -63,14 +64,13 @@ def check_run_dir(run_dir: str | os.PathLike) -> None:
     """Refuses a `trainer.run_dir` that cannot become a directory: one that is a file (or a
     broken symbolic link), or that lies below one. Writes nothing; a missing directory is fine."""
     path = Path(run_dir)
-    for place in (path, *path.parents):
-        if place.is_dir():
-            return
-        if place.exists() or place.is_symlink():
-            what = "file" if place.exists() else "broken symbolic link"
-            if place == path:
-                raise RunDirError(f"trainer.run_dir={run_dir}: a {what}, expected a directory")
-            raise RunDirError(f"trainer.run_dir={run_dir}: lies below the {what} {place}; expected a directory")
+    if not path.is_dir() and (path.exists() or path.is_symlink()):
+        what = "file" if path.exists() else "broken symbolic link"
+        raise RunDirError(f"trainer.run_dir={run_dir}: a {what}, expected a directory")
+    place = file_above(path)
+    if place is not None:
+        what = "file" if place.exists() else "broken symbolic link"
+        raise RunDirError(f"trainer.run_dir={run_dir}: lies below the {what} {place}; expected a directory")
 
 
 # --- finding checkpoints --------------------------------------------------------------------

@@ -31,6 +31,7 @@ from typing import NoReturn
 import torch
 
 from common import errors
+from common.paths import file_above
 
 CONSOLIDATED = "consolidated.safetensors"
 HF_WEIGHTS = "model.safetensors"
@@ -142,7 +143,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FileExistsError(f"{out_dir}: exists and is not a directory")
-    below = next((p for p in out_dir.parents if p.exists() and not p.is_dir()), None)
+    below = file_above(out_dir)
     if below is not None:
         raise FileExistsError(f"{out_dir}: lies below the file {below}; expected a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not force:

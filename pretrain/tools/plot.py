@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from common.errors import UserError, fail
+from common.paths import file_above
 
 PANELS = (("loss", "training loss"), ("valid/loss", "validation loss"), ("tokens_per_s", "tokens/s"))
 
@@ -102,7 +103,7 @@ def check_output(output: Path) -> None:
                            f"{', '.join('.' + f for f in sorted(formats))}")
     if output.is_dir():
         raise MetricsError(f"-o {output}: a directory, expected the path of an image file")
-    blocking = next((p for p in output.parents if p.exists() and not p.is_dir()), None)
+    blocking = file_above(output)
     if blocking is not None:
         raise MetricsError(f"-o {output}: lies below the file {blocking}; expected a directory there")
 
