@@ -108,8 +108,8 @@ def main() -> None:
     from parallel.rng import seed_model_parallel_rng
     from pretrain.config import Config, DataConfig, OptimConfig, ParallelConfig, TrainerConfig
     from pretrain.model.llama import LlamaModel, transformer_config
-    from pretrain.training.flops import matmul_params
-    from pretrain.training.flops import flops_per_token as model_flops_per_token
+    from pretrain.model.flops import matmul_params
+    from pretrain.model.flops import flops_per_token as model_flops_per_token
     from pretrain.training.optim import build_optimizer, build_scheduler
     from pretrain.model.build import LAYER_TYPES
 

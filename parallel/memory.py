@@ -1,16 +1,24 @@
-"""Bytes of parameters, gradients and optimizer states on each rank: measured and planned.
+"""Bytes on each rank, measured: parameters, gradients and optimizer states, and the peak of a step.
 
 `record` walks what the DeepSpeed engine actually holds on this rank (module
 parameters, ZeRO-3 partitions, flat bit16 buffers, fp32 master copies, Adam
 moments, gradient partitions and buckets) and counts every storage once.
 `FirstStepMemory` runs it inside the first optimizer step, while gradients,
 master copies and moments all exist; `parallel.memory_plan` predicts the same
-numbers without building anything.
+numbers without building anything. `PeakTrace` follows every tensor's storage
+through a training step and reports the most bytes alive at once: what the
+planner's peak (those states plus activations) predicts.
 """
 
 from __future__ import annotations
 
+import gc
+import warnings
+import weakref
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from parallel.memory_plan import RankMemory
 
@@ -146,6 +154,64 @@ class FirstStepMemory:
             handle.remove()
         self._handles = []
         return self._measured
+
+
+class PeakTrace(TorchDispatchMode):
+    """The most bytes of tensor storage alive at once while it is active: a tensor-lifetime trace.
+
+    It starts from what `engine` holds (`record`: parameters, gradients,
+    optimizer states), or without an engine from every storage a live Python
+    tensor reaches; then it adds every storage an operator creates, until that
+    storage is freed (a weak reference's callback). Process RSS would include the
+    allocator's slack and the interpreter; this counts what tensors hold, as
+    `torch.cuda.max_memory_allocated` does on a GPU. Storages that C++ allocates
+    outside the dispatcher (communication buffers) are not seen.
+    """
+
+    def __init__(self, engine=None):
+        super().__init__()
+        self.engine = engine
+        self.live: dict[int, int] = {}  # storage address -> bytes
+        self.now = 0
+        self.peak = 0
+        self.baseline = 0
+
+    def __enter__(self):
+        gc.collect()
+        if self.engine is not None:
+            ledger = _Ledger()
+            record(self.engine, ledger)
+            storages = list(ledger.held.values())
+        else:
+            with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
+                warnings.simplefilter("ignore")
+                storages = [obj.untyped_storage() for obj in gc.get_objects()
+                            if isinstance(obj, torch.Tensor) and obj.device.type != "meta"]
+        for storage in storages:
+            self._track(storage)
+        self.baseline = self.now
+        return super().__enter__()
+
+    def _track(self, storage: torch.UntypedStorage) -> None:
+        address, nbytes = storage.data_ptr(), storage.nbytes()
+        if nbytes == 0 or address in self.live:
+            return
+        self.live[address] = nbytes
+        self.now += nbytes
+        self.peak = max(self.peak, self.now)
+        weakref.finalize(storage, self._freed, address, nbytes)
+
+    def _freed(self, address: int, nbytes: int) -> None:
+        if self.live.get(address) == nbytes:
+            del self.live[address]
+            self.now -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value.device.type != "meta" and not value.is_sparse:
+                self._track(value.untyped_storage())
+        return out
 
 
 def format_bytes(nbytes: float) -> str:

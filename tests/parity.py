@@ -83,14 +83,14 @@ class LossRecorder:
 
 def train_layout(run_dir: str, **layout) -> dict:
     """Per-step losses, and the step after a checkpoint round trip, for one layout."""
-    from pretrain.training.memory_plan import predict_rank
-    from pretrain.training.memory_report import MemoryReport
+    from pretrain.planning.parameters import predict_rank
+    from pretrain.training.memory_report import MemoryReport, PeakMemoryReport
     from pretrain.checkpoint import files as checkpoint
 
     trainer = layout_trainer(run_dir, **layout)
     cfg, topology = trainer.cfg, trainer.topology
-    recorder = LossRecorder()
-    trainer.callbacks.append(recorder)
+    recorder, peak = LossRecorder(), PeakMemoryReport(cfg)
+    trainer.callbacks += [recorder, peak]
     trainer.fit()  # saves a checkpoint at the last step
     report = next(c for c in trainer.callbacks if isinstance(c, MemoryReport))
     measured = report.first_step.result()
@@ -105,6 +105,7 @@ def train_layout(run_dir: str, **layout) -> dict:
     resumed = next_step_loss(restored)
     return {"losses": recorder.losses, "continued": continued, "resumed": resumed,
             "step": restored.state.step, "memory": vars(measured), "predicted": vars(predicted),
+            "peak": peak.result,
             "checkpointed": checkpointed, "coords": (topology.pp_rank, topology.tp_rank),
             "tied_weight": tied_weight, "restored_tied_weight": tied_embedding(restored.engine)}
 

@@ -11,7 +11,7 @@ import pytest
 
 from conftest import REPO, TINY, run_pretrain
 from pretrain.config import Config, ConfigError, from_dict
-from pretrain.training.memory_plan import plan_memory, stage_params
+from pretrain.planning.parameters import plan_memory, stage_params
 
 GIB = 2**30
 
@@ -131,3 +131,55 @@ def test_fp16_on_a_cpu_without_half_kernels_is_a_one_line_error(tmp_path):
     assert errors == ["pretrain: error: parallel.precision=fp16: DeepSpeed supports fp16 on this CPU only "
                       "with AVX512-FP16/AMX; expected bf16 or fp32 here, or trainer.device=cuda"]
     assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+
+
+# --- the peak: states plus activations, predicted against a tensor-lifetime trace -----------
+
+PEAK_RTOL = 0.10
+PEAK_SHAPES = {
+    "base": {},
+    "full_recompute": {"checkpointing": "full"},
+    "selective_recompute": {"checkpointing": "selective"},
+    "half_micro_batch": {"micro_batch": 2},
+    "longer_narrower": {"hidden": 64, "groups": 4, "ffn": 256, "seq": 512, "micro_batch": 2, "layers": 3},
+    "bf16": {"precision": "bf16"},
+}
+
+
+def peak_config(run_dir, hidden=128, layers=2, groups=2, ffn=384, seq=256, micro_batch=4,
+                checkpointing="none", precision="fp32", zero=0) -> Config:
+    return from_dict(Config, {
+        "model": {"num_layers": layers, "hidden_size": hidden, "num_attention_heads": 4,
+                  "num_query_groups": groups, "ffn_hidden_size": ffn, "max_seq_len": seq},
+        "data": {"seq_len": seq},
+        "parallel": {"zero_stage": zero, "precision": precision, "activation_checkpointing": checkpointing},
+        "trainer": {"run_dir": str(run_dir), "train_steps": 2, "micro_batch_size": micro_batch,
+                    "global_batch_size": 4, "eval_interval": 0, "log_interval": 100, "device": "cpu",
+                    "compile": "none", "callbacks": []},
+    })
+
+
+@pytest.mark.slow  # trains six small models for two steps each, in this process
+def test_predicted_peak_matches_a_tensor_lifetime_trace(single_process_groups, tmp_path, monkeypatch):
+    """Peak bytes of a training step, activations included, within 10% for several shapes.
+
+    The sequence is long against the model, so activations are most of the peak
+    (about 80% in fp32): the test fails if they are mispredicted.
+    """
+    import parity
+    from pretrain.training.memory_report import PeakMemoryReport
+
+    errors = {}
+    for name, shape in PEAK_SHAPES.items():
+        cfg = peak_config(tmp_path / name, **shape)
+        monkeypatch.setattr(parity, "SEQ", cfg.data.seq_len)  # the synthetic tokens' length
+        trainer = parity.trainer_for(cfg)
+        report = PeakMemoryReport(cfg)
+        trainer.callbacks.append(report)
+        trainer.fit()
+        measured, predicted = report.result["measured"], report.result["predicted"]
+        errors[name] = (predicted - measured) / measured
+        if name == "base":
+            assert measured - report.result["baseline"] > 0.75 * measured  # mostly activations
+    print({name: f"{error:+.1%}" for name, error in errors.items()})
+    assert all(abs(error) <= PEAK_RTOL for error in errors.values()), errors

@@ -19,7 +19,8 @@ from conftest import TINY, run_pretrain
 from pretrain.training.callbacks import ConsoleProgress
 from pretrain.training.sinks import TensorBoardSink, WandbSink
 from pretrain.config import ConfigError, ModelConfig
-from pretrain.training.flops import FlopsMeter, flops_per_token, matmul_params, peak_for_name
+from pretrain.model.flops import flops_per_token, matmul_params
+from pretrain.training.flops import FlopsMeter, peak_for_name
 
 STEPS, INTERVAL, PEAK = 12, 6, 1e12
 TINY_MODEL = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,

@@ -1,4 +1,4 @@
-"""Model FLOPs per token, device peak FLOP/s, and model FLOPs utilisation (MFU).
+"""Device peak FLOP/s, and model FLOPs utilisation (MFU) for the model FLOPs of pretrain.model.flops.
 
 MFU counts the FLOPs the model needs, not the FLOPs the hardware executes:
 activation recomputation and padding are not counted, so the same run
@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from pretrain.config import ModelConfig
+from pretrain.model.config import ModelConfig
+from pretrain.model.flops import flops_per_token
 
 # Dense (no sparsity) peak FLOP/s per device, by precision. The first entry
 # whose key appears in the CUDA device name wins, so more specific names
@@ -28,32 +29,6 @@ PEAK_FLOPS: list[tuple[str, dict[str, float]]] = [
     ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
     ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
 ]
-
-
-def matmul_params(cfg: ModelConfig, padded_vocab_size: int) -> int:
-    """Weights that take part in a matmul for every token: all linear layers and the output layer.
-
-    The input embedding is a lookup, not a matmul, and norms are negligible.
-    The output layer is counted even when tied to the embedding: it is still a
-    [hidden x vocab] matmul per token.
-    """
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
-    kv = cfg.query_groups * cfg.head_dim
-    attention = h * (h + 2 * kv) + h * h  # fused q/k/v projection (GQA) + output projection
-    mlp = 3 * h * f  # SwiGLU: gate, up, down
-    return cfg.num_layers * (attention + mlp) + padded_vocab_size * h
-
-
-def flops_per_token(cfg: ModelConfig, seq_len: int, padded_vocab_size: int) -> float:
-    """Training FLOPs (forward + backward) per token.
-
-    6 * N for the N matmul parameters (2 forward, 4 backward per multiply-add),
-    plus 12 * layers * hidden * seq_len for attention scores and the weighted
-    sum of values (QK^T and AV: 2 matmuls x 2 FLOPs x 3 for forward + backward).
-    As in Megatron-LM and PaLM, causal attention is counted as full: the half
-    of the score matrix that the mask removes is not subtracted.
-    """
-    return 6.0 * matmul_params(cfg, padded_vocab_size) + 12.0 * cfg.num_layers * cfg.hidden_size * seq_len
 
 
 def device_peak_flops(device: torch.device, precision: str) -> float | None:

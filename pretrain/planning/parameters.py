@@ -32,15 +32,16 @@ def head_params(m: ModelConfig, padded_vocab: int, tensor: int) -> int:
     return m.hidden_size + output  # final norm + output layer
 
 
-def stage_params(cfg: Config, padded_vocab: int) -> list[int]:
-    """Parameters on one tensor-parallel rank of each pipeline stage."""
+def _pipeline_pieces(cfg: Config, padded_vocab: int) -> tuple[list[int], list[int]]:
+    """Parameters of each piece of the pipeline (embedding, layers, head[, tied head]) on one
+    tensor-parallel rank, and where DeepSpeed cuts them into stages (`bounds[s]:bounds[s + 1]`)."""
     m, p = cfg.model, cfg.parallel
     embedding = embedding_params(m, padded_vocab, p.tensor)
     pieces = ([embedding]
               + [layer_params(m, p.tensor)] * m.num_layers
               + [head_params(m, padded_vocab, p.tensor)])
     if p.pipeline == 1:
-        return [sum(pieces)]
+        return pieces, [0, len(pieces)]
     if m.tie_embeddings:
         # The head's use of the tied embedding is a pipeline layer of its own: the
         # last stage holds a second copy of the weight (and its gradient and states).
@@ -52,8 +53,20 @@ def stage_params(cfg: Config, padded_vocab: int) -> list[int]:
         weights = [0] + [1] * m.num_layers + [0] * (len(pieces) - m.num_layers - 1)
     else:
         weights = pieces
-    bounds = partition_balanced(weights=weights, num_parts=p.pipeline)
-    return [sum(pieces[bounds[s]:bounds[s + 1]]) for s in range(p.pipeline)]
+    return pieces, partition_balanced(weights=weights, num_parts=p.pipeline)
+
+
+def stage_params(cfg: Config, padded_vocab: int) -> list[int]:
+    """Parameters on one tensor-parallel rank of each pipeline stage."""
+    pieces, bounds = _pipeline_pieces(cfg, padded_vocab)
+    return [sum(pieces[bounds[s]:bounds[s + 1]]) for s in range(len(bounds) - 1)]
+
+
+def stage_layers(cfg: Config, padded_vocab: int) -> list[int]:
+    """Transformer layers on each pipeline stage (pieces 1 to num_layers)."""
+    _, bounds = _pipeline_pieces(cfg, padded_vocab)
+    layers = range(1, cfg.model.num_layers + 1)
+    return [sum(1 for i in layers if bounds[s] <= i < bounds[s + 1]) for s in range(len(bounds) - 1)]
 
 
 # --- a run's ranks -------------------------------------------------------------------------

@@ -1,0 +1,157 @@
+"""Bytes of activations a rank keeps for backward, and the working memory at the peak of a step.
+
+Counted tensor by tensor from what autograd saves in this model's layers
+(pretrain/model/llama.py on megatron-core), for `T` = micro-batch x sequence
+tokens of one micro-batch, `w` bytes per element of the training dtype, `t`
+the tensor-parallel size, and `n` = `t` under sequence parallelism, else 1:
+
+| saved for backward, per transformer layer  | elements                  | divided by |
+|--------------------------------------------|---------------------------|------------|
+| two norms: input (the residual) and output | 2 x 2 T h  (see NORM)     | n          |
+| fused q/k/v projection output              | T (h + 2 kv)              | t          |
+| rotated queries and keys                   | T (h + kv)                | t          |
+| attention output (flash/fused: + its log-sum-exp, fp32) | T h          | t          |
+| SwiGLU: fc1 output, silu, gate, product    | 5 T f                     | t          |
+
+`kv` = query groups x head size. The gate is counted once more than the
+textbook 4 T f: megatron-core's `glu` adds `glu_linear_offset` (0.0) to it,
+a new tensor that the product saves. On CPU, torch's `rms_norm` is a
+composite of element-wise ops and saves fp32 intermediates: measured, a norm
+keeps 12 bytes per element in fp32 (input, x * rstd, output) and 10 in bf16
+(input, its fp32 copy, fp32 x * rstd); CUDA's fused kernel keeps the input
+and the output only.
+
+Around the layers: the final norm and the loss. One CPU process computes the
+loss in chunks (`parallel.output_loss`) and keeps fp32 gradients of the
+hidden states and of the output weight instead of logits; every other path
+keeps the fp32 softmax of the logit shard, T x vocabulary / t. Attention with
+a dense document mask (`data.reset_attention_mask`) falls back from the fused
+kernel to one that saves the probabilities: b x heads/t x s x s more per
+layer, plus the mask.
+
+Recomputation: `full` keeps each layer's input only, and recomputes one layer
+at a time in backward; `selective` recomputes the core attention (it saves its
+inputs, which the projection shares, instead of the probabilities).
+
+Under 1F1B a pipeline stage `k` of `p` holds min(p - k, m) micro-batches in
+flight (m per step); without a pipeline one micro-batch at a time.
+
+The working memory at the peak, on top of what is saved: the gradients being
+formed for one layer (about T f w / t, measured as the largest), one
+recomputed layer under `full`, and DeepSpeed's gradient reduction bucket under
+ZeRO-1/2 (`reduce_bucket_size` elements of the gradient dtype, allocated for
+the backward pass whatever the model's size; two under a pipeline). Under ZeRO-3,
+the weights of the layer being computed, gathered whole (DeepSpeed also keeps
+parameters under `stage3_param_persistence_threshold`, 1e5 elements, whole on
+every rank: for a tiny model that is all of them, which this does not count).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from parallel.config import ParallelConfig
+from parallel.memory_plan import DTYPE_BYTES, REDUCE_BUCKET_SIZE
+from pretrain.model.config import ModelConfig
+from pretrain.planning.parameters import layer_params
+
+
+@dataclass(frozen=True)
+class ActivationShape:
+    """What the activations depend on besides the model and the layout."""
+
+    seq_len: int
+    micro_batch: int
+    micro_batches: int  # per optimizer step, per data-parallel rank
+    padded_vocab: int
+    device: str = "cuda"  # "cpu" or "cuda": the kernels that run, which save different things
+    dense_mask: bool = False  # document masking through a dense [b, 1, s, s] mask
+
+
+def norm_bytes(device: str, precision: str) -> int:
+    """Bytes per element one RMSNorm keeps, its input (the residual stream) included."""
+    w = DTYPE_BYTES[precision]
+    if device == "cpu":
+        return 12 if precision == "fp32" else 10  # composite rms_norm (module docstring)
+    return 2 * w
+
+
+@dataclass
+class StageActivations:
+    """One pipeline stage's (or one process's) activation bytes."""
+
+    per_layer: int  # saved by one transformer layer, one micro-batch
+    layers: int
+    ends: int  # embedding side, final norm and loss, stage boundary buffers: one micro-batch
+    in_flight: int  # micro-batches held at once
+    working: int  # transient at the peak: gradients being formed, a recomputed layer, ZeRO's bucket
+
+    @property
+    def saved(self) -> int:
+        return self.in_flight * (self.per_layer * self.layers + self.ends)
+
+    @property
+    def total(self) -> int:
+        return self.saved + self.working
+
+
+def layer_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, recompute: str) -> int:
+    """What one transformer layer keeps for backward for one micro-batch."""
+    w, t = DTYPE_BYTES[p.precision], p.tensor
+    n = t if p.sequence_parallel else 1
+    tokens = shape.seq_len * shape.micro_batch
+    h, f, kv = m.hidden_size, m.ffn_hidden_size, m.query_groups * m.head_dim
+    heads = m.num_attention_heads // t
+    if recompute == "full":
+        return tokens * h * w // n  # the layer's input
+    norms = 2 * norm_bytes(shape.device, p.precision) * tokens * h // n
+    attention = tokens * ((h + 2 * kv) + (h + kv) + h) * w // t
+    if shape.dense_mask and recompute != "selective":
+        attention += shape.micro_batch * heads * shape.seq_len ** 2 * w  # the probabilities
+    elif recompute != "selective":
+        attention += tokens * heads * 4  # the fused kernel's fp32 log-sum-exp
+    mlp = 5 * tokens * f * w // t
+    return norms + attention + mlp
+
+
+def ends_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, first: bool, last: bool,
+               chunked_loss: bool) -> int:
+    """The embedding side, the final norm and loss, and the stage's boundary buffers, per micro-batch."""
+    w, t = DTYPE_BYTES[p.precision], p.tensor
+    n = t if p.sequence_parallel else 1
+    tokens = shape.seq_len * shape.micro_batch
+    h = m.hidden_size
+    total = tokens * 8 * 2  # token ids and labels (int64)
+    if shape.dense_mask:
+        total += shape.micro_batch * shape.seq_len ** 2  # the boolean mask
+    if not last:
+        total += tokens * h * w // n  # the output sent on, kept by the pipeline engine for backward
+    if last:
+        norm = norm_bytes(shape.device, p.precision) * tokens * h // n
+        if chunked_loss:  # the final norm's output is not kept; fp32 gradients are
+            total += norm - tokens * h * w // n + tokens * h * 4 + shape.padded_vocab // t * h * 4
+        else:
+            total += norm + tokens * shape.padded_vocab // t * 4  # the fp32 softmax
+    return total
+
+
+def stage_activations(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, stage: int,
+                      layers: int) -> StageActivations:
+    """Activation bytes of pipeline stage `stage` holding `layers` transformer layers."""
+    w, t = DTYPE_BYTES[p.precision], p.tensor
+    tokens = shape.seq_len * shape.micro_batch
+    recompute = p.activation_checkpointing
+    first, last = stage == 0, stage == p.pipeline - 1
+    chunked = shape.device == "cpu" and p.pipeline == 1  # see parallel.output_loss.chunk_tokens
+    in_flight = min(p.pipeline - stage, shape.micro_batches) if p.pipeline > 1 else 1
+    working = tokens * m.ffn_hidden_size * w // t
+    if recompute == "full" and layers:
+        full = layer_bytes(m, p, shape, "none")
+        working += full - layer_bytes(m, p, shape, "full")
+    if p.zero_stage in (1, 2):  # under a pipeline, ZeRO-1 allocates a second one to reduce into
+        working += REDUCE_BUCKET_SIZE * w * (2 if p.pipeline > 1 else 1)
+    if p.zero_stage == 3:  # the weights gathered for the layer being computed
+        working += w * (layer_params(m, t) if layers else 0)
+    return StageActivations(per_layer=layer_bytes(m, p, shape, recompute), layers=layers,
+                            ends=ends_bytes(m, p, shape, first, last, chunked), in_flight=in_flight,
+                            working=working)
