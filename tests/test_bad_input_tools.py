@@ -12,6 +12,8 @@ import shutil
 
 import pytest
 
+from conftest import REPO
+
 from test_bad_input_setup import (GOOD_RECORDS, RNG, STATES, World, case, check_refused, garble, jsonl,  # noqa: F401
                                   trained, truncate, world)
 
@@ -172,6 +174,28 @@ PLAN = [  # `pretrain-plan` reports config errors as `pretrain` does: it reads t
          "world size 1: expected a multiple of parallel.tensor x parallel.pipeline = 3", prefix="pretrain"),
     case("plan-override-syntax", "pretrain-plan", lambda w: ["model.hidden_size"],
          "Error parsing override 'model.hidden_size'", prefix="pretrain"),
+    case("plan-unknown-cluster", "pretrain-plan", lambda w: ["--cluster", "h100_8g"],
+         "--cluster=h100_8g: unknown cluster; expected one of a100_40g, a100_80g, cpu_2core, h100_80g",
+         prefix="pretrain"),
+    case("plan-cluster-missing-field", "pretrain-plan", lambda w: ["--cluster", f"{w.tmp}/mine.yaml"],
+         "{tmp}/mine.yaml: missing key inter_node.latency", prefix="pretrain", setup=lambda w: w.file(
+             "mine.yaml", (REPO / "configs/cluster/h100_80g.yaml").read_text().replace("  latency: 1.0e-5\n", ""))),
+    case("plan-cluster-not-yaml", "pretrain-plan", lambda w: ["--cluster", f"{w.tmp}/mine.yaml"],
+         "{tmp}/mine.yaml: not valid YAML (expected ',' or ']', but got '<stream end>' at line 2)", prefix="pretrain",
+         setup=lambda w: w.file("mine.yaml", "name: [unclosed\n  `")),
+    case("plan-nodes-do-not-divide", "pretrain-plan",
+         lambda w: ["--cluster", "h100_80g", "--nodes", "3", "model=llama_70b", "parallel.tensor=8",
+                    "parallel.pipeline=2", "parallel.precision=bf16", "parallel.zero_stage=1"],
+         "--nodes=3: world size 24: expected a multiple of parallel.tensor x parallel.pipeline = 16",
+         prefix="pretrain"),
+    case("plan-nothing-fits", "pretrain-plan",
+         lambda w: ["--cluster", "h100_80g", "--search", "--device-memory", "4GiB", "model=llama_70b",
+                    "parallel.precision=bf16", "data.seq_len=4096", "trainer.global_batch_size=8"],
+         "no layout fits 4.0 GiB per device on 8 ranks: the smallest peak is", prefix="pretrain"),
+    case("plan-memory-not-a-size", "pretrain-plan", lambda w: ["--device-memory", "eighty"],
+         "--device-memory='eighty': expected a size such as 80GiB, 40GB or 512MiB", prefix="pretrain"),
+    case("plan-search-without-cluster", "pretrain-plan", lambda w: ["--search"],
+         "--search: expected --cluster", prefix="pretrain"),
 ]
 
 LAUNCH = [

@@ -101,8 +101,13 @@ def load_cluster(name_or_path: str) -> ClusterConfig:
                               "or the path of a cluster .yaml")
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        reason = getattr(err, "strerror", None) or type(err).__name__
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', None) or 'unreadable'}{where})") \
+            from None
+    except (OSError, UnicodeDecodeError) as err:
+        reason = getattr(err, "strerror", None) or "not UTF-8 text"
         raise ConfigError(f"{path}: cannot read the cluster description ({reason})") from None
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of cluster keys")

@@ -9,6 +9,8 @@ precision and offloading allocate.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 
 from common.typed_config import ConfigError
 from parallel.memory_plan import RankMemory, rank_memory
@@ -46,14 +48,26 @@ def _pipeline_pieces(cfg: Config, padded_vocab: int) -> tuple[list[int], list[in
         # The head's use of the tied embedding is a pipeline layer of its own: the
         # last stage holds a second copy of the weight (and its gradient and states).
         pieces.append(embedding)
-    from deepspeed.runtime.utils import partition_balanced
-
     # The same cut as `pretrain.model.pipeline_stages.build_pipeline` asks DeepSpeed for.
     if p.pipeline_partition == "uniform":
         weights = [0] + [1] * m.num_layers + [0] * (len(pieces) - m.num_layers - 1)
     else:
         weights = pieces
-    return pieces, partition_balanced(weights=weights, num_parts=p.pipeline)
+    return pieces, _partition_balanced(tuple(weights), p.pipeline)
+
+
+@functools.lru_cache(maxsize=1024)
+def _partition_balanced(weights: tuple[int, ...], parts: int) -> list[int]:
+    """DeepSpeed's cut, remembered: it searches, and a layout search asks for the same cuts often."""
+    # DeepSpeed's first import warns that it found no GPU: planning needs none.
+    logger, quiet = logging.getLogger("DeepSpeed"), (lambda record: record.levelno >= logging.ERROR)
+    logger.addFilter(quiet)
+    try:
+        from deepspeed.runtime.utils import partition_balanced
+    finally:
+        logger.removeFilter(quiet)
+
+    return partition_balanced(weights=list(weights), num_parts=parts)
 
 
 def stage_params(cfg: Config, padded_vocab: int) -> list[int]:

@@ -23,12 +23,14 @@ slowest pipeline stage (`T` tokens per micro-batch, `t` tensor, `p` pipeline,
   an interleaved schedule of v chunks per rank). Every slot also sends the
   stage's output forward and its gradient back (blocking in DeepSpeed's
   engine), T h w / t bytes each (each tensor rank sends its share).
-- **Data parallelism.** Gradients are reduced once per step: a ring
-  all-reduce of the stage's parameters in the gradient dtype (ZeRO-1/2 as a
-  reduce-scatter of gradients and an all-gather of updated weights: the same
-  volume); ZeRO-3 also gathers the weights for forward and backward (1.5x).
+- **Data parallelism.** ZeRO-0/1 reduce gradients once per step: a ring
+  all-reduce of the stage's parameters in the gradient dtype (ZeRO-1 as a
+  reduce-scatter and an all-gather of the updated weights: the same volume).
+  DeepSpeed's ZeRO-2 reduce-scatters the gradients of every micro-batch, and
+  ZeRO-3 also gathers the weights for each micro-batch's forward and backward.
   It runs after the backward pass (DeepSpeed's default `overlap_comm` is off
-  for ZeRO-0/1/2) except under ZeRO-3, where it overlaps the backward pass.
+  for ZeRO-0/1/2) except under ZeRO-3, whose prefetching hides it behind
+  the compute.
   Stacks that overlap it (Megatron-LM's `--overlap-grad-reduce`, FSDP) hide it
   behind the last micro-batch's backward pass (`Stack`).
 - **Optimizer.** Adam reads and writes about 28 + 2w bytes per parameter it
@@ -213,13 +215,16 @@ def plan_time(cfg: Config, cluster: ClusterConfig, world_size: int, vocab_size: 
     params = max(stage_params(cfg, padded))
     dp_link = cluster.link(d, t)
     gradient_bytes = params * w
-    data_comm = ring_all_reduce(gradient_bytes, d, dp_link)
-    if p.zero_stage == 3:
-        data_comm *= 1.5
+    if p.zero_stage <= 1:  # one all-reduce (ZeRO-1: reduce-scatter, then all-gather the weights)
+        data_comm = ring_all_reduce(gradient_bytes, d, dp_link)
+    elif p.zero_stage == 2:  # gradients reduce-scattered every micro-batch, weights gathered once
+        data_comm = (micro_batches + 1) * ring_gather(gradient_bytes, d, dp_link)
+    else:  # weights gathered for each forward and backward, gradients reduce-scattered, every micro-batch
+        data_comm = 3 * micro_batches * ring_gather(gradient_bytes, d, dp_link)
     overlap = stack.overlap_grad_reduce if stack.overlap_grad_reduce is not None else p.zero_stage == 3
-    if overlap:  # behind the backward pass of the last micro-batch (ZeRO-3: of every micro-batch)
-        backward = (micro_batches if p.zero_stage == 3 else 1) * layers[slowest] * layer.backward
-        data_comm = max(0.0, data_comm - backward)
+    if overlap:  # ZeRO-3 prefetches behind all the compute; others hide behind the last backward
+        hidden = micro_batches * compute if p.zero_stage == 3 else layers[slowest] * layer.backward
+        data_comm = max(0.0, data_comm - hidden)
 
     updated = params if p.zero_stage == 0 else -(-params // d)
     if p.offload_optimizer:
