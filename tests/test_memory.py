@@ -94,7 +94,7 @@ def test_pretrain_plan_prints_a_table_per_rank_kind_for_8b_and_70b():
     assert result.returncode == 0, result.stderr[-2000:]
     print(result.stdout)
     lines = result.stdout.splitlines()
-    assert "llama_8b: 64 ranks = tensor 8 x pipeline 2 x data 4, ZeRO-1, bf16" in lines
+    assert lines[0].startswith("llama_8b: 64 ranks = tensor 8 x pipeline 2 x data 4, ZeRO-1, bf16; micro-batch 8")
     stage0 = next(line for line in lines if line.startswith("pipeline stage 0")).split()
     # 502M parameters per rank (the vocabulary padded to 129024): 2 bytes each, then 1.5 and
     # 3 bytes each over 4 data-parallel ranks.

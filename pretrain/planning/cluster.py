@@ -4,9 +4,10 @@ A cluster is nodes of `devices_per_node` identical devices. Inside a node the
 devices talk over `intra_node` (NVLink/NVSwitch); nodes talk over `inter_node`
 (InfiniBand or Ethernet), with the bandwidth each device gets. Bandwidths are
 bytes per second in one direction, latencies seconds. The two measured
-constants of the step-time model are `matmul_efficiency` (the achieved fraction
-of peak FLOP/s on a transformer layer's matrix products) and the host
-`overhead`s; the rest is read off data sheets.
+constants of the step-time model are `matmul_efficiency` and
+`attention_efficiency` (the achieved fractions of peak FLOP/s on a transformer
+layer's matrix products and in its attention kernel) and the host `overhead`s;
+the rest is read off data sheets.
 """
 
 from __future__ import annotations
@@ -68,6 +69,7 @@ class ClusterConfig:
     device_memory: str
     peak_flops: PeakFlops  # dense FLOP/s per device, by training precision
     matmul_efficiency: float
+    attention_efficiency: float  # the same for the attention kernel (flash / fused SDPA)
     memory_bandwidth: float  # bytes/s of device memory
     intra_node: Link
     inter_node: Link
@@ -75,8 +77,8 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         require(self.devices_per_node >= 1, f"devices_per_node={self.devices_per_node}: expected >= 1")
-        require(0 < self.matmul_efficiency <= 1,
-                f"matmul_efficiency={self.matmul_efficiency}: expected a fraction in (0, 1]")
+        for key in ("matmul_efficiency", "attention_efficiency"):
+            require(0 < getattr(self, key) <= 1, f"{key}={getattr(self, key)}: expected a fraction in (0, 1]")
         self.memory_bytes = parse_size(self.device_memory, "device_memory")
 
     def peak(self, precision: str) -> float:

@@ -7,7 +7,8 @@ slowest pipeline stage (`T` tokens per micro-batch, `t` tensor, `p` pipeline,
 - **Compute.** Each layer's matrix products, 2 T x (its weights) / t FLOPs
   forward and twice that backward, plus causal attention, 2 b s^2 h / t
   forward (a fused kernel skips the masked half; a dense document mask does
-  not), run at `matmul_efficiency` x the device's peak. Element-wise work is
+  not), run at `matmul_efficiency` and `attention_efficiency` x the device's
+  peak. Element-wise work is
   bound by memory: each byte a layer keeps for backward is written, read and
   its gradient written, 3 x (activation bytes) / `memory_bandwidth`. The
   output layer adds 6 T h V / t. Recomputation adds a forward (`full`) or the
@@ -137,8 +138,9 @@ def _layer(cfg: Config, shape: ActivationShape, cluster: ClusterConfig, stretch:
     causal = 1.0 if shape.dense_mask else 0.5
     attention = 4 * shape.micro_batch * shape.seq_len ** 2 * h / t * causal
     elementwise = 3 * layer_bytes(m, p, shape, "none") / (cluster.memory_bandwidth / stretch)
-    forward = (matmul + attention) / rate + elementwise / 3
-    backward = 2 * (matmul + attention) / rate + 2 * elementwise / 3
+    attention_rate = rate / cluster.matmul_efficiency * cluster.attention_efficiency
+    forward = matmul / rate + attention / attention_rate + elementwise / 3
+    backward = 2 * (matmul / rate + attention / attention_rate) + 2 * elementwise / 3
     link = cluster.link(t, 1)
     activation = tokens * h * w
     if p.sequence_parallel:
@@ -151,7 +153,7 @@ def _layer(cfg: Config, shape: ActivationShape, cluster: ClusterConfig, stretch:
     if p.activation_checkpointing == "full":
         recompute = forward + forward_comm
     elif p.activation_checkpointing == "selective":
-        recompute = attention / rate
+        recompute = attention / attention_rate
     return _Micro(forward, backward, recompute, forward_comm + backward_comm)
 
 
