@@ -34,6 +34,8 @@ bench: $(STAMP)
 	$(PY) -m bench.data_preprocess
 	$(PY) -m bench.data_loader
 	$(PY) -m bench.checkpoint_io
+	$(PY) -m bench.plan_cpu
+	$(PY) -m bench.plan_published
 
 clean:
 	rm -rf runs .cache .pytest_cache

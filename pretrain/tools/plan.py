@@ -95,7 +95,7 @@ def cli(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_8b parallel.tensor=8")
     parser.add_argument("--world-size", type=int, default=None,
-                        help="number of ranks (default: nodes x devices per node, or 1)")
+                        help="number of ranks (default: nodes x devices per node, or 1; fewer uses part of a node)")
     parser.add_argument("--cluster", help="a cluster in configs/cluster (h100_80g, a100_80g, ...) or a .yaml path")
     parser.add_argument("--nodes", type=int, default=1, help="nodes of the cluster (default 1)")
     parser.add_argument("--device-memory", help="memory per device, e.g. 80GiB (default: the cluster's)")
@@ -118,8 +118,8 @@ def run(args) -> None:
     if args.search and cluster is None:
         raise UserError("--search: expected --cluster (the step time decides between layouts)")
     world_size = args.world_size or (args.nodes * cluster.devices_per_node if cluster else 1)
-    if cluster and args.world_size and args.world_size != args.nodes * cluster.devices_per_node:
-        raise UserError(f"--world-size={args.world_size}: expected --nodes x {cluster.devices_per_node} "
+    if cluster and args.world_size and args.world_size > args.nodes * cluster.devices_per_node:
+        raise UserError(f"--world-size={args.world_size}: expected at most --nodes x {cluster.devices_per_node} "
                         f"devices per node = {args.nodes * cluster.devices_per_node}")
     memory = memory or (cluster.memory_bytes if cluster else None)
     cfg = compose_config(args.overrides)
