@@ -17,10 +17,12 @@ for each group), and SwiGLU's gate and up projections into one fc1 weight
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from common.errors import UserError
-from pretrain.model.config import ModelConfig
+from pretrain.model.config import ModelConfig, RopeScaling
 
 LAYER = "decoder.layers.{i}."
 HF_LAYER = "model.layers.{i}."
@@ -176,9 +178,7 @@ def hf_config(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, special_i
         "hidden_act": "silu",
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rotary_base,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rotary_base},
-        "rope_scaling": None,
+        **rope_fields(cfg),
         "tie_word_embeddings": cfg.tie_embeddings,
         "attention_bias": False,
         "attention_dropout": 0.0,
@@ -195,6 +195,78 @@ def hf_config(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, special_i
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers,
                    "layer_types": ["full_attention"] * cfg.num_layers}
     return config
+
+
+def rope_parameters(scaling: RopeScaling) -> dict | None:
+    """`model.rope_scaling` as Hugging Face's `rope_scaling` dict (None when off)."""
+    if scaling.type == "none":
+        return None
+    values = {"rope_type": scaling.type, "factor": scaling.factor}
+    if scaling.type in ("llama3", "yarn"):
+        values["original_max_position_embeddings"] = scaling.original_max_position_embeddings
+    if scaling.type == "llama3":
+        values |= {"low_freq_factor": scaling.low_freq_factor, "high_freq_factor": scaling.high_freq_factor}
+    if scaling.type == "yarn":
+        values |= {"beta_fast": scaling.beta_fast, "beta_slow": scaling.beta_slow}
+        if scaling.attention_factor is not None:
+            values["attention_factor"] = scaling.attention_factor
+    return values
+
+
+def rope_fields(cfg: ModelConfig) -> dict:
+    """rope_theta as the classic top-level key, the scaling as `rope_scaling`, and both in
+    `rope_parameters`, which newer transformers versions read."""
+    scaling = rope_parameters(cfg.rope_scaling)
+    return {"rope_theta": cfg.rotary_base,
+            "rope_parameters": {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rotary_base},
+            "rope_scaling": scaling}
+
+
+# Keys of a Hugging Face rope_scaling that this model reproduces, by type, with the defaults
+# transformers takes for those left out.
+_ROPE_KEYS = {
+    "default": {},
+    "linear": {"factor": None},
+    "llama3": {"factor": None, "original_max_position_embeddings": None, "low_freq_factor": None,
+               "high_freq_factor": None},
+    "yarn": {"factor": None, "original_max_position_embeddings": None, "beta_fast": 32.0, "beta_slow": 1.0,
+             "attention_factor": None},
+}
+
+
+def _effective(kind: str, values: dict) -> dict:
+    """A rope_scaling's values with transformers' defaults filled in (YaRN's attention factor too)."""
+    filled = {k: values.get(k, default) for k, default in _ROPE_KEYS[kind].items()}
+    if kind == "yarn" and filled["attention_factor"] is None and filled["factor"] is not None:
+        factor = float(filled["factor"])
+        filled["attention_factor"] = 0.1 * math.log(factor) + 1.0 if factor > 1 else 1.0
+    return {k: None if v is None else float(v) for k, v in filled.items()}
+
+
+def rope_mismatch(hf: dict, cfg: ModelConfig) -> str | None:
+    """Why a Hugging Face config's RoPE scaling is not ours, or None. Types or keys this model
+    cannot reproduce (dynamic NTK, LongRoPE, YaRN's mscale) are refused, not dropped."""
+    theirs = dict(hf.get("rope_scaling") or {})
+    if not theirs:
+        theirs = {k: v for k, v in (hf.get("rope_parameters") or {}).items() if k != "rope_theta"}
+    kind = theirs.pop("rope_type", theirs.pop("type", "default"))
+    if kind not in _ROPE_KEYS:
+        return f"rope_scaling rope_type={kind!r}: this model reproduces only linear, llama3 and yarn"
+    if theirs.get("partial_rotary_factor", 1.0) == 1.0:
+        theirs.pop("partial_rotary_factor", None)
+    if kind == "yarn" and theirs.pop("truncate", True) is not True:
+        return "rope_scaling yarn with truncate=false: this model reproduces the truncated ramp only"
+    unknown = sorted(set(theirs) - set(_ROPE_KEYS[kind]))
+    if unknown:
+        return f"rope_scaling {kind} with {', '.join(unknown)}: this model cannot reproduce it"
+    ours_kind = cfg.rope_scaling.type if cfg.rope_scaling.type != "none" else "default"
+    ours = _effective(ours_kind, rope_parameters(cfg.rope_scaling) or {})
+    if ours_kind != kind or _effective(kind, theirs) != ours:
+        described = ", ".join(f"{k}={v}" for k, v in sorted(theirs.items()))
+        return (f"rope_scaling {kind}" + (f" ({described})" if described else "")
+                + f", but model.rope_scaling is {cfg.rope_scaling.type}"
+                + (f" ({', '.join(f'{k}={v:g}' for k, v in sorted(ours.items()))})" if ours else ""))
+    return None
 
 
 # config.json key → our ModelConfig field, for the checks made before importing.
@@ -225,6 +297,9 @@ def config_mismatch(hf: dict, cfg: ModelConfig) -> str | None:
     theta = hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta"))
     if theta is not None and float(theta) != cfg.rotary_base:
         return f"rope_theta={theta}, but model.rotary_base={cfg.rotary_base}"
+    rope = rope_mismatch(hf, cfg)
+    if rope:
+        return rope
     if hf.get("head_dim") not in (None, cfg.head_dim):
         return f"head_dim={hf['head_dim']}, but the model's head size is {cfg.head_dim}"
     return None

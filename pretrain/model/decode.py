@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from pretrain.model.config import ModelConfig
-from pretrain.model.rotary import rotary_frequencies, rotate
+from pretrain.model.rotary import rotary_tables, rotate
 
 
 @dataclass
@@ -59,7 +59,7 @@ class Decoder:
                 ) + ((("q_norm", "self_attention.q_layernorm.weight"),
                       ("k_norm", "self_attention.k_layernorm.weight")) if cfg.qk_norm else ())
             })
-        self._rotary = torch.empty(0, cfg.head_dim, device=self.device)
+        self._rotary = torch.empty(0, 2 * cfg.head_dim, device=self.device)
 
     @property
     def vocab_size(self) -> int:
@@ -71,15 +71,16 @@ class Decoder:
         make = lambda: torch.zeros(shape, device=self.device, dtype=self.dtype)  # noqa: E731
         return KVCache([make() for _ in self.layers], [make() for _ in self.layers])
 
-    def angles(self, start: int, stop: int) -> torch.Tensor:
-        """Rotary angles [stop - start, head_dim] for positions start..stop-1.
+    def rotary(self, start: int, stop: int) -> torch.Tensor:
+        """cos and sin [stop - start, 2 * head_dim] for positions start..stop-1.
 
-        The training model's angles (`pretrain.model.rotary.rotary_frequencies`),
-        grown on demand.
+        The training model's tables (`pretrain.model.rotary.rotary_tables`, RoPE scaling
+        included), grown on demand.
         """
         if stop > self._rotary.shape[0]:
             length = max(stop, 2 * self._rotary.shape[0])
-            self._rotary = rotary_frequencies(length, self.cfg.head_dim, self.cfg.rotary_base, self.device)[:, 0, 0]
+            self._rotary = rotary_tables(length, self.cfg.head_dim, self.cfg.rotary_base, self.device,
+                                         self.cfg.rope_scaling)[:, 0, 0]
         return self._rotary[start:stop]
 
     @torch.no_grad()
@@ -94,8 +95,8 @@ class Decoder:
         start = cache.length if cache is not None else 0
         if cache is not None and start + seq > cache.capacity:
             raise ValueError(f"KV cache holds {cache.capacity} positions; {start + seq} needed")
-        angles = self.angles(start, start + seq)[None, :, None, :]  # [1, s, 1, d]
-        cos, sin = angles.cos().to(self.dtype), angles.sin().to(self.dtype)
+        tables = self.rotary(start, start + seq)[None, :, None, :].to(self.dtype)  # [1, s, 1, 2d]
+        cos, sin = tables.chunk(2, dim=-1)
         groups, heads, d = cfg.query_groups, cfg.num_attention_heads, cfg.head_dim
         per_group = heads // groups
         # Causal attention over cached and new positions. A single new token

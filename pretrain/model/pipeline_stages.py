@@ -56,7 +56,7 @@ class TransformerLayerStage(torch.nn.Module):
         self.layer = build_module(layer_spec(cfg.qk_norm), config=config, layer_number=index + 1)
         named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
         initialize_local(named, cfg, seed)
-        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base)
+        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
 
     def forward(self, inputs):
         """Hidden states [s, b, h], or (hidden states, position ids [b, s], attention
