@@ -109,18 +109,19 @@ def collate(samples: list[np.ndarray], eod: EodOptions = EodOptions()) -> dict[s
 
 
 def eod_masks(tokens: torch.Tensor, eod: EodOptions) -> dict[str, torch.Tensor]:
-    """loss_mask [b, s] (float), position_ids [b, s], attention_mask [b, 1, s, s] (True = masked).
+    """loss_mask [b, s] (float), position_ids [b, s], and with `reset_attention_mask`
+    document_starts [b, s] (bool: True where a document starts after an EOD).
 
     As Megatron's get_ltor_masks_and_position_ids: the loss is masked where
     the input is EOD; positions restart and attention is cut after each EOD.
+    The attention cut travels as document starts, not as a dense [b, 1, s, s]
+    mask: the model's attention takes the documents apart in memory linear in s.
     """
     b, s = tokens.shape
     is_eod = tokens == eod.eod_id
     loss_mask = torch.ones(b, s, dtype=torch.float32)
     if eod.mask_loss:
         loss_mask[is_eod] = 0.0
-    # Document number of each position: EODs seen strictly before it.
-    doc_id = torch.cumsum(is_eod.long(), dim=1) - is_eod.long()
     position_ids = torch.arange(s).expand(b, s).clone()
     if eod.reset_position_ids:
         positions = torch.arange(s).expand(b, s)
@@ -128,11 +129,12 @@ def eod_masks(tokens: torch.Tensor, eod: EodOptions) -> dict[str, torch.Tensor]:
         starts = torch.where(is_eod, positions + 1, torch.zeros_like(positions))
         starts = torch.cummax(torch.cat([torch.zeros(b, 1, dtype=torch.long), starts[:, :-1]], 1), 1).values
         position_ids = positions - starts
-    causal = torch.ones(s, s, dtype=torch.bool).tril()
-    allowed = causal.expand(b, s, s)
+    masks = {"loss_mask": loss_mask, "position_ids": position_ids}
     if eod.reset_attention_mask:
-        allowed = allowed & (doc_id[:, :, None] == doc_id[:, None, :])
-    return {"loss_mask": loss_mask, "position_ids": position_ids, "attention_mask": (~allowed)[:, None]}
+        document_starts = torch.zeros(b, s, dtype=torch.bool)
+        document_starts[:, 1:] = is_eod[:, :-1]
+        masks["document_starts"] = document_starts
+    return masks
 
 
 class DataParallelLoader:

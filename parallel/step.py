@@ -18,7 +18,7 @@ def _to_device(batch: dict, device: torch.device) -> tuple[torch.Tensor, torch.T
 
 
 # Optional per-token inputs a batch may carry (the end-of-document options).
-_MODEL_EXTRAS = ("attention_mask", "position_ids")
+_MODEL_EXTRAS = ("document_starts", "position_ids")
 
 
 def _extras(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -33,13 +33,17 @@ def _loss_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
 def _pipeline_micro_batch(batch: dict, device: torch.device) -> tuple:
     """(inputs, labels) as DeepSpeed's pipeline engine takes them: the first stage gets the
     inputs, the loss function the labels. With the end-of-document options the inputs are
-    (tokens, position ids, attention mask), passed from stage to stage, and the labels
-    (labels, loss mask)."""
+    (tokens, position ids, document starts), passed from stage to stage, and the labels
+    (labels, loss mask). The starts go last: DeepSpeed sends its "attention mask", the last
+    input, as a boolean. Without attention cut at documents they mark no start."""
     tokens, labels = _to_device(batch, device)
     if "loss_mask" not in batch:
         return tokens, labels
     extras = _extras(batch, device)
-    return (tokens, extras["position_ids"], extras["attention_mask"]), (labels, _loss_mask(batch, device))
+    starts = extras.get("document_starts")
+    if starts is None:
+        starts = torch.zeros_like(tokens, dtype=torch.bool)
+    return (tokens, extras["position_ids"], starts), (labels, _loss_mask(batch, device))
 
 
 def skip_nonfinite_updates(optimizer) -> None:

@@ -296,10 +296,14 @@ def test_eod_masks():
     masks = eod_masks(torch.from_numpy(tokens), EodOptions(2, True, True, True))
     assert masks["loss_mask"].tolist() == [[1, 1, 0, 1, 1, 0, 1, 1]]
     assert masks["position_ids"].tolist() == [[0, 1, 2, 0, 1, 2, 0, 1]]
-    blocked = masks["attention_mask"][0, 0]
+    assert masks["document_starts"].tolist() == [[False, False, False, True, False, False, True, False]]
+    from pretrain.model.document_attention import dense_document_mask
+
+    blocked = dense_document_mask(masks["document_starts"])[0, 0]
     assert blocked[3, 2] and blocked[3, 0] and not blocked[4, 3] and not blocked[2, 0] and blocked[0, 1]
     plain = eod_masks(torch.from_numpy(tokens), EodOptions(2, False, False, False))
     assert plain["loss_mask"].all() and plain["position_ids"].tolist() == [list(range(8))]
+    assert "document_starts" not in plain  # no attention cut: plain causal attention
 
 
 # --- bad input: one line naming the file, exit 2, nothing half-written -----------------------

@@ -119,7 +119,7 @@ def test_document_masks_make_packed_documents_independent(single_process_groups)
     masks = eod_masks(packed, EodOptions(eod, mask_loss=True, reset_position_ids=True,
                                          reset_attention_mask=True))
     with torch.no_grad():
-        together = model(packed, attention_mask=masks["attention_mask"],
+        together = model(packed, document_starts=masks["document_starts"],
                          position_ids=masks["position_ids"])
         alone = model(second)
     torch.testing.assert_close(together[:, first.shape[1]:], alone, rtol=1e-5, atol=1e-5)

@@ -53,9 +53,9 @@ def test_activation_bytes_follow_the_saved_tensors_of_a_layer():
     assert layer_bytes(m, p, shape, "full") == tokens * h * 2 // t  # the layer's input only
     without_sp = dataclasses.replace(p, sequence_parallel=False)
     assert layer_bytes(m, without_sp, shape, "none") - expected == tokens * 2 * 2 * 2 * h * (t - 1) // t
-    dense = dataclasses.replace(shape, dense_mask=True)
-    # A dense mask: the attention probabilities of this rank's 8 heads instead.
-    assert layer_bytes(m, p, dense, "none") == expected - lse + 64 // t * 4096 ** 2 * 2
+    documents = dataclasses.replace(shape, documents=True)
+    # Attention cut at documents: padded copies of q, k, v and the output, 1.5x on average.
+    assert layer_bytes(m, p, documents, "none") == expected + 3 * tokens * (2 * h + 2 * kv) * 2 // (2 * t)
 
 
 def test_step_time_adds_up_and_its_parts_respond_to_the_layout():

@@ -16,6 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from parallel import sequence
 from parallel.output_loss import chunked_output_loss
+from pretrain.model.document_attention import document_attention
 
 
 class RMSNorm(torch.nn.Module):
@@ -104,8 +105,13 @@ class SDPAttention(MegatronModule):
             raise NotImplementedError("SDPAttention takes neither packed sequences nor a bias")
         seq, batch, heads, head_dim = query.shape
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, h, s, d]
-        # A boolean mask (True = masked out, megatron's convention) replaces causal
-        # masking, e.g. to stop attention across document boundaries.
+        if attention_mask is not None and attention_mask.dim() == 2:
+            # Document starts [b, s] (`data.reset_attention_mask`): causal within each document,
+            # in memory linear in the sequence (pretrain.model.document_attention).
+            out = document_attention(q, k, v, attention_mask, self.softmax_scale)
+            return out.permute(2, 0, 1, 3).reshape(seq, batch, heads * head_dim)
+        # A boolean mask [b, 1, s, s] (True = masked out, megatron's convention) replaces
+        # causal masking.
         mask = None if attention_mask is None else ~attention_mask
         out = F.scaled_dot_product_attention(
             q,

@@ -178,12 +178,13 @@ class LlamaModel(torch.nn.Module):
         self,
         tokens: torch.Tensor,
         labels: torch.Tensor | None = None,
-        attention_mask: torch.Tensor | None = None,
+        document_starts: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
         loss_mask: torch.Tensor | None = None,
         reduction: str = "none",
     ) -> torch.Tensor:
-        """`attention_mask` [b, 1, s, s] is True where attention is cut (None: causal);
+        """`document_starts` [b, s] (bool) cut attention before each document start (None:
+        causal over the whole sequence; a dense [b, 1, s, s] mask, True where cut, works too);
         `position_ids` [b, s] restart rotary positions, e.g. at document boundaries.
         With labels, `reduction="none"` gives the loss of every token [b, s] and
         `"mean"` its mean over the tokens where `loss_mask` [b, s] is set (all if None).
@@ -192,7 +193,8 @@ class LlamaModel(torch.nn.Module):
             raise ValueError(f"reduction={reduction!r}: expected 'none' or 'mean'")
         hidden = embed_tokens(self.embedding, tokens, self.config.sequence_parallel)
         rotary = self.rotary(tokens.shape[1], tokens.device, position_ids)
-        hidden = self.decoder(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        # megatron-core hands `attention_mask` to the core attention as it is (layers.SDPAttention).
+        hidden = self.decoder(hidden, attention_mask=document_starts, rotary_pos_emb=rotary)
         weight = self.embedding.weight if self.cfg.tie_embeddings else None
         z_loss = self.cfg.z_loss_multiplier if self.training else 0.0
         if labels is not None and reduction == "mean" and self.loss_chunk_tokens:

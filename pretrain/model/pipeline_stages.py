@@ -41,7 +41,7 @@ class EmbeddingStage(torch.nn.Module):
         initialize_local([("embedding.weight", self.embedding.weight)], cfg, seed)
 
     def forward(self, inputs):
-        """Token ids [b, s], or (token ids, position ids, attention mask) with the
+        """Token ids [b, s], or (token ids, position ids, document starts) with the
         end-of-document options, whose two extras are passed on to the layers."""
         tokens, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
         hidden = embed_tokens(self.embedding, tokens, self.sequence_parallel)
@@ -59,14 +59,14 @@ class TransformerLayerStage(torch.nn.Module):
         self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
 
     def forward(self, inputs):
-        """Hidden states [s, b, h], or (hidden states, position ids [b, s], attention
-        mask [b, 1, s, s]) as `LlamaModel` takes them; returns the same form."""
+        """Hidden states [s, b, h], or (hidden states, position ids [b, s], document starts
+        [b, s]) as `LlamaModel` takes them; returns the same form."""
         hidden, *extras = inputs if isinstance(inputs, tuple) else (inputs,)
         seq = hidden.shape[0] * (parallel_state.get_tensor_model_parallel_world_size()
                                  if self.layer.config.sequence_parallel else 1)
-        position_ids, attention_mask = extras if extras else (None, None)
+        position_ids, document_starts = extras if extras else (None, None)
         rotary = self.rotary(seq, hidden.device, position_ids)
-        output, _ = self.layer(hidden, attention_mask=attention_mask, rotary_pos_emb=rotary)
+        output, _ = self.layer(hidden, attention_mask=document_starts, rotary_pos_emb=rotary)
         return (output, *extras) if extras else output
 
 

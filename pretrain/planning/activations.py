@@ -24,10 +24,11 @@ and the output only.
 Around the layers: the final norm and the loss. One CPU process computes the
 loss in chunks (`parallel.output_loss`) and keeps fp32 gradients of the
 hidden states and of the output weight instead of logits; every other path
-keeps the fp32 softmax of the logit shard, T x vocabulary / t. Attention with
-a dense document mask (`data.reset_attention_mask`) falls back from the fused
-kernel to one that saves the probabilities: b x heads/t x s x s more per
-layer, plus the mask.
+keeps the fp32 softmax of the logit shard, T x vocabulary / t. Attention cut
+at documents (`data.reset_attention_mask`, pretrain.model.document_attention)
+gathers each document's queries, keys and values into padded batches and
+keeps them and the padded outputs for backward: 1.5 x T (2h + 2kv) / t more
+per layer (padding to a power of two costs 1 to 2x, 1.5x on average).
 
 Recomputation: `full` keeps each layer's input only, and recomputes one layer
 at a time in backward; `selective` recomputes the core attention (it saves its
@@ -40,7 +41,8 @@ The working memory at the peak, on top of what is saved: the gradients being
 formed for one layer (about T f w / t, measured as the largest), one
 recomputed layer under `full`, and DeepSpeed's gradient reduction bucket under
 ZeRO-1/2 (`reduce_bucket_size` elements of the gradient dtype, allocated for
-the backward pass whatever the model's size; two under a pipeline). Under ZeRO-3,
+the backward pass whatever the model's size; under a pipeline the engine reduces
+after the backward pass into a second one, both alive then). Under ZeRO-3,
 the weights of the layer being computed, gathered whole (DeepSpeed also keeps
 parameters under `stage3_param_persistence_threshold`, 1e5 elements, whole on
 every rank: for a tiny model that is all of them, which this does not count).
@@ -65,7 +67,7 @@ class ActivationShape:
     micro_batches: int  # per optimizer step, per data-parallel rank
     padded_vocab: int
     device: str = "cuda"  # "cpu" or "cuda": the kernels that run, which save different things
-    dense_mask: bool = False  # document masking through a dense [b, 1, s, s] mask
+    documents: bool = False  # attention cut at document starts (data.reset_attention_mask)
 
 
 def norm_bytes(device: str, precision: str) -> int:
@@ -85,6 +87,9 @@ class StageActivations:
     ends: int  # embedding side, final norm and loss, stage boundary buffers: one micro-batch
     in_flight: int  # micro-batches held at once
     working: int  # transient at the peak: gradients being formed, a recomputed layer, ZeRO's bucket
+    # allocated after the backward pass, while the gradients are reduced: the pipeline engine's
+    # second ZeRO bucket (the activations are gone by then)
+    reduction: int = 0
 
     @property
     def saved(self) -> int:
@@ -106,10 +111,10 @@ def layer_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, recom
         return tokens * h * w // n  # the layer's input
     norms = 2 * norm_bytes(shape.device, p.precision) * tokens * h // n
     attention = tokens * ((h + 2 * kv) + (h + kv) + h) * w // t
-    if shape.dense_mask and recompute != "selective":
-        attention += shape.micro_batch * heads * shape.seq_len ** 2 * w  # the probabilities
-    elif recompute != "selective":
+    if recompute != "selective":
         attention += tokens * heads * 4  # the fused kernel's fp32 log-sum-exp
+        if shape.documents:  # the padded per-document copies (module docstring)
+            attention += 3 * tokens * (2 * h + 2 * kv) * w // (2 * t)
     mlp = 5 * tokens * f * w // t
     return norms + attention + mlp
 
@@ -122,8 +127,6 @@ def ends_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, first:
     tokens = shape.seq_len * shape.micro_batch
     h = m.hidden_size
     total = tokens * 8 * 2  # token ids and labels (int64)
-    if shape.dense_mask:
-        total += shape.micro_batch * shape.seq_len ** 2  # the boolean mask
     if not last:
         total += tokens * h * w // n  # the output sent on, kept by the pipeline engine for backward
     if last:
@@ -148,10 +151,11 @@ def stage_activations(m: ModelConfig, p: ParallelConfig, shape: ActivationShape,
     if recompute == "full" and layers:
         full = layer_bytes(m, p, shape, "none")
         working += full - layer_bytes(m, p, shape, "full")
-    if p.zero_stage in (1, 2):  # under a pipeline, ZeRO-1 allocates a second one to reduce into
-        working += REDUCE_BUCKET_SIZE * w * (2 if p.pipeline > 1 else 1)
+    if p.zero_stage in (1, 2):
+        working += REDUCE_BUCKET_SIZE * w
     if p.zero_stage == 3:  # the weights gathered for the layer being computed
         working += w * (layer_params(m, t) if layers else 0)
+    reduction = REDUCE_BUCKET_SIZE * w * 2 if p.zero_stage in (1, 2) and p.pipeline > 1 else 0
     return StageActivations(per_layer=layer_bytes(m, p, shape, recompute), layers=layers,
                             ends=ends_bytes(m, p, shape, first, last, chunked), in_flight=in_flight,
-                            working=working)
+                            working=working, reduction=reduction)

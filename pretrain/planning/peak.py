@@ -4,9 +4,10 @@ A rank's peak comes in the backward pass: its weights and optimizer states
 (`parameters.py`, checked against what DeepSpeed allocates), what its pipeline
 stage keeps for backward for the micro-batches it holds in flight and the
 backward pass's working memory (`activations.py`), and the gradients autograd
-forms, in the training dtype. Under mixed precision the fp32 copies of the
-gradients come at the optimizer step, when the activations are gone; then the
-states alone may set the peak.
+forms, in the training dtype. Under a pipeline with ZeRO, DeepSpeed reduces
+the gradients after the backward pass into a second bucket; under mixed
+precision the fp32 copies of the gradients come at the optimizer step. Both
+come when the activations are gone, and either may set the peak instead.
 """
 
 from __future__ import annotations
@@ -27,10 +28,16 @@ class RankPlan:
     activations: StageActivations
     backward_gradients: int  # gradient bytes formed in the backward pass (training dtype)
 
+    host_is_device: bool = False  # a CPU run: what is offloaded to host memory stays in the same memory
+
     @property
     def peak(self) -> int:
-        s = self.states
-        return s.parameters + s.optimizer + max(self.activations.total + self.backward_gradients, s.gradients)
+        s, a = self.states, self.activations
+        during_backward = a.total + self.backward_gradients
+        reducing = self.backward_gradients + a.reduction
+        stepping = s.gradients  # the fp32 gradient copies, once the buckets are freed
+        return s.parameters + s.optimizer + max(during_backward, reducing, stepping) \
+            + (s.offloaded if self.host_is_device else 0)
 
 
 def activation_shape(cfg: Config, data_parallel: int, padded_vocab: int, device: str) -> ActivationShape:
@@ -39,7 +46,7 @@ def activation_shape(cfg: Config, data_parallel: int, padded_vocab: int, device:
         seq_len=cfg.data.seq_len, micro_batch=t.micro_batch_size,
         micro_batches=max(1, t.global_batch_size // (t.micro_batch_size * data_parallel)),
         padded_vocab=padded_vocab, device=device,
-        dense_mask=cfg.data.reset_attention_mask)
+        documents=cfg.data.reset_attention_mask)
 
 
 def stage_plans(cfg: Config, world_size: int, vocab_size: int | None = None,
@@ -54,7 +61,7 @@ def stage_plans(cfg: Config, world_size: int, vocab_size: int | None = None,
     for stage, (params, layers) in enumerate(zip(stage_params(cfg, padded_vocab), stage_layers(cfg, padded_vocab))):
         states = rank_memory(params, p, data_parallel)
         plans.append((states, stage_activations(m, p, shape, stage, layers),
-                      min(states.gradients, DTYPE_BYTES[p.precision] * params)))
+                      DTYPE_BYTES[p.precision] * params))
     return plans
 
 
@@ -74,5 +81,8 @@ def plan_ranks(cfg: Config, world_size: int, vocab_size: int | None = None, devi
 
 
 def predict_peak(cfg: Config, world_size: int, pipeline_rank: int, vocab_size: int, device: str) -> int:
-    """The predicted peak bytes of one rank, given its pipeline stage."""
-    return RankPlan("", 1, *stage_plans(cfg, world_size, vocab_size, device)[pipeline_rank]).peak
+    """The predicted peak bytes of one rank, given its pipeline stage (on a CPU, offloaded
+    optimizer states count: host memory is the device's)."""
+    plan = RankPlan("", 1, *stage_plans(cfg, world_size, vocab_size, device)[pipeline_rank],
+                    host_is_device=device == "cpu")
+    return plan.peak

@@ -6,9 +6,9 @@ slowest pipeline stage (`T` tokens per micro-batch, `t` tensor, `p` pipeline,
 
 - **Compute.** Each layer's matrix products, 2 T x (its weights) / t FLOPs
   forward and twice that backward, plus causal attention, 2 b s^2 h / t
-  forward (a fused kernel skips the masked half; a dense document mask does
-  not), run at `matmul_efficiency` and `attention_efficiency` x the device's
-  peak. Element-wise work is
+  forward (fused kernels skip the masked half; attention cut at documents
+  does less, which is not counted), run at `matmul_efficiency` and
+  `attention_efficiency` x the device's peak. Element-wise work is
   bound by memory: each byte a layer keeps for backward is written, read and
   its gradient written, 3 x (activation bytes) / `memory_bandwidth`. The
   output layer adds 6 T h V / t. Recomputation adds a forward (`full`) or the
@@ -135,8 +135,9 @@ def _layer(cfg: Config, shape: ActivationShape, cluster: ClusterConfig, stretch:
     h, f, kv = m.hidden_size, m.ffn_hidden_size, m.query_groups * m.head_dim
     rate = cluster.peak(p.precision) * cluster.matmul_efficiency / stretch
     matmul = 2 * tokens * (h * (h + 2 * kv) + h * h + 3 * h * f) / t
-    causal = 1.0 if shape.dense_mask else 0.5
-    attention = 4 * shape.micro_batch * shape.seq_len ** 2 * h / t * causal
+    # Causal: half the score matrix. Cut at documents, less (sum of their squares); without
+    # their lengths, the whole sequence's causal half stands as the bound.
+    attention = 4 * shape.micro_batch * shape.seq_len ** 2 * h / t * 0.5
     elementwise = 3 * layer_bytes(m, p, shape, "none") / (cluster.memory_bandwidth / stretch)
     attention_rate = rate / cluster.matmul_efficiency * cluster.attention_efficiency
     forward = matmul / rate + attention / attention_rate + elementwise / 3
