@@ -185,15 +185,20 @@ class PeakTrace(TorchDispatchMode):
         else:
             with warnings.catch_warnings():  # isinstance on deprecated torch objects warns
                 warnings.simplefilter("ignore")
+                # Plain tensors and parameters: subclasses left by torch.compile (fake or
+                # functional tensors) have no storage to count.
                 storages = [obj.untyped_storage() for obj in gc.get_objects()
-                            if isinstance(obj, torch.Tensor) and obj.device.type != "meta"]
+                            if type(obj) in (torch.Tensor, torch.nn.Parameter) and obj.device.type != "meta"]
         for storage in storages:
             self._track(storage)
         self.baseline = self.now
         return super().__enter__()
 
     def _track(self, storage: torch.UntypedStorage) -> None:
-        address, nbytes = storage.data_ptr(), storage.nbytes()
+        try:
+            address, nbytes = storage.data_ptr(), storage.nbytes()
+        except RuntimeError:  # a storage without data (a fake tensor's)
+            return
         if nbytes == 0 or address in self.live:
             return
         self.live[address] = nbytes
