@@ -146,9 +146,10 @@ def run(args) -> None:
     device = cluster.device if cluster else ("cpu" if cfg.trainer.device == "cpu" else "cuda")
     print(describe(cfg, world_size))
     if cluster is None:
-        print(format_ranks(plan_ranks(cfg, world_size, device=device)))
+        ranks = plan_ranks(cfg, world_size, device=device)
+        print(format_ranks(ranks))
         if memory:
-            peak = max(r.peak for r in plan_ranks(cfg, world_size, device=device))
+            peak = max(r.peak for r in ranks)
             verdict = "fits" if peak <= memory else "does not fit"
             print(f"{verdict}: peak {format_bytes(peak)} of {format_bytes(memory)} per device")
         return
