@@ -182,7 +182,7 @@ def train_rank(cfg: Config, total_steps: int, warmup: int) -> dict[str, Any]:
 
     device = resolve_device(cfg.trainer.device)
     check_precision_supported(cfg.parallel.precision, device, cfg.parallel.zero_stage)
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device)
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device, cfg.parallel.context)
     cfg.validate_world(topology.world_size)
     cfg.trainer.train_steps = total_steps
     tokens = SyntheticTokens(cfg.data.seq_len)

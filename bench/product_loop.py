@@ -37,7 +37,7 @@ def build_trainer(cfg: Config, run_dir: str):
 
     cfg.trainer.run_dir = run_dir
     t = cfg.trainer
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
     triggers = SaveTriggers(t.checkpoint_interval, t.checkpoint_minutes, topology.device)
     callbacks = [ConsoleProgress(t.log_interval),
                  Checkpointing(triggers, save_at_end=False),  # no save each time a chunk ends

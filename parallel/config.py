@@ -12,6 +12,8 @@ from common.typed_config import require
 class ParallelConfig:
     tensor: int = 1
     pipeline: int = 1
+    # Context parallelism: every sequence split over this many ranks (parallel.context).
+    context: int = 1
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     sequence_parallel: bool = False
@@ -38,6 +40,7 @@ class ParallelConfig:
                 "parallel.offload_optimizer=true: expected parallel.zero_stage >= 1 "
                 "(DeepSpeed offloads ZeRO's optimizer partitions)")
         require(self.pipeline >= 1, f"parallel.pipeline={self.pipeline}: expected >= 1")
+        require(self.context >= 1, f"parallel.context={self.context}: expected >= 1")
         require(self.zero_stage in (0, 1, 2, 3),
                 f"parallel.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
         require(not (self.pipeline > 1 and self.zero_stage > 1),

@@ -20,6 +20,7 @@ from deepspeed.runtime.utils import clip_grad_norm_
 
 from common.typed_config import ConfigError
 from parallel.config import ParallelConfig
+from parallel.context import ContextSplit
 from parallel.groups import MegatronMPU
 from parallel.refuse import refuse_updates
 from parallel.step import eval_loss, skip_nonfinite_updates, train_step
@@ -58,7 +59,9 @@ def deepspeed_config(parallel: ParallelConfig, options: EngineOptions, data_para
     p, o = parallel, options
     accumulation = o.global_batch_size // (o.micro_batch_size * data_parallel)
     return {
-        "train_batch_size": o.global_batch_size,
+        # DeepSpeed counts a micro-batch per rank of its data-parallel group, which is
+        # data x context (`parallel.groups.MegatronMPU`): each sequence once per slice.
+        "train_batch_size": o.global_batch_size * p.context,
         "train_micro_batch_size_per_gpu": o.micro_batch_size,
         "gradient_accumulation_steps": accumulation,
         "gradient_clipping": 0.0 if clips_in_loop(p) else o.grad_clip,
@@ -122,11 +125,12 @@ def build_engine(model, optimizer, scheduler_factory, parallel: ParallelConfig, 
     )
     if isinstance(engine, PipelineEngine) and parallel.precision == "fp32" and parallel.zero_stage == 0:
         keep_clipped_norm(engine)
-    if isinstance(engine, PipelineEngine) and options.has_attention_mask:
+    if isinstance(engine, PipelineEngine) and (options.has_attention_mask or parallel.context > 1):
         # The stages pass on (hidden, position ids, attention mask): DeepSpeed sends the last
         # tensor as fp16 and back to bool (NCCL has no bool), and sends no gradient for it.
         engine.set_has_attention_mask(True)
-    if data_parallel == 1 and parallel.zero_stage == 0 and not isinstance(engine, PipelineEngine):
+    if data_parallel * parallel.context == 1 and parallel.zero_stage == 0 \
+            and not isinstance(engine, PipelineEngine):
         # With one data-parallel replica DeepSpeed would still flatten every gradient into a
         # bucket, all-reduce it over a group of one, divide it by 1 and copy it back, every step.
         engine.enable_backward_allreduce = False
@@ -163,10 +167,12 @@ class Engine:
     optimizers do on the other paths.
     """
 
-    def __init__(self, deepspeed_engine, device: torch.device, loop_clip: float = 0.0):
+    def __init__(self, deepspeed_engine, device: torch.device, loop_clip: float = 0.0,
+                 context: ContextSplit | None = None):
         self.deepspeed = deepspeed_engine
         self.device = device
         self.loop_clip = loop_clip
+        self.context = context  # this rank's slice of each sequence (`parallel.context`)
         if loop_clip:
             skip_nonfinite_updates(deepspeed_engine.optimizer)
 
@@ -176,7 +182,7 @@ class Engine:
 
     def train_step(self, batches: Iterator[dict]) -> StepResult:
         skipped_before = self.deepspeed.skipped_steps  # counted by DeepSpeed, once per refused update
-        loss, grad_norm = train_step(self.deepspeed, batches, self.device, self.loop_clip)
+        loss, grad_norm = train_step(self.deepspeed, batches, self.device, self.loop_clip, self.context)
         return StepResult(loss, grad_norm, self.deepspeed.skipped_steps > skipped_before)
 
     def refuse_updates(self, refuse: Callable[[float], bool]) -> None:
@@ -185,7 +191,7 @@ class Engine:
         refuse_updates(self.deepspeed, refuse, loop_sets_overflow=bool(self.loop_clip))
 
     def eval_loss(self, batches: list[dict]) -> torch.Tensor:
-        return eval_loss(self.deepspeed, batches, self.device)
+        return eval_loss(self.deepspeed, batches, self.device, self.context)
 
     def lr(self) -> float:
         return self.deepspeed.get_lr()[0]

@@ -26,8 +26,9 @@ class Topology:
     local_rank: int
     tensor: int
     pipeline: int
-    data: int
+    data: int  # replicas that read different samples: world / (tensor x pipeline x context)
     device: torch.device
+    context: int = 1  # ranks that split each sequence (they read the same samples)
 
     @property
     def tp_rank(self) -> int:
@@ -40,6 +41,11 @@ class Topology:
     @property
     def dp_rank(self) -> int:
         return parallel_state.get_data_parallel_rank()
+
+    @property
+    def gradient_replicas(self) -> int:
+        """Ranks that hold the same weights and average their gradients: data x context."""
+        return self.data * self.context
 
     @property
     def is_logging_rank(self) -> bool:
@@ -56,11 +62,12 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Topology:
-    """Starts torch.distributed (if needed) and megatron-core's TP/PP/DP groups.
+def init_process_groups(tensor: int, pipeline: int, device: torch.device, context: int = 1) -> Topology:
+    """Starts torch.distributed (if needed) and megatron-core's TP/CP/DP/PP groups.
 
-    Rank order is megatron-core's default: tensor fastest, then data, then
-    pipeline, which is also what DeepSpeed's pipeline topology uses.
+    Rank order is megatron-core's default: tensor fastest, then context, then
+    data, then pipeline. DeepSpeed's pipeline topology (tensor, data, pipeline)
+    agrees when its data axis is context x data (`Topology.gradient_replicas`).
     """
     if not dist.is_initialized():
         # torch reads env://: set it from whichever launcher started us (torchrun,
@@ -84,12 +91,14 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Top
     if parallel_state.model_parallel_is_initialized() and (
         parallel_state.get_tensor_model_parallel_world_size() != tensor
         or parallel_state.get_pipeline_model_parallel_world_size() != pipeline
+        or parallel_state.get_context_parallel_world_size() != context
     ):
         parallel_state.destroy_model_parallel()  # a new layout in the same world
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor,
             pipeline_model_parallel_size=pipeline,
+            context_parallel_size=context,
             create_gloo_process_groups=device.type == "cuda",
         )
     return Topology(
@@ -98,17 +107,20 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device) -> Top
         local_rank=int(os.environ.get("LOCAL_RANK", 0)),
         tensor=tensor,
         pipeline=pipeline,
-        data=world_size // (tensor * pipeline),
+        data=world_size // (tensor * pipeline * context),
         device=device,
+        context=context,
     )
 
 
-def data_parallel_mean(value: torch.Tensor, data_parallel: int) -> float:
-    """The mean of `value` over the data-parallel replicas (this rank's group), as a float."""
+def data_parallel_mean(value: torch.Tensor, replicas: int) -> float:
+    """The mean of `value` over the ranks that average gradients with this one (data x
+    context parallel: `Topology.gradient_replicas`), as a float. A context-parallel rank's
+    loss is its share of the sequence's (`parallel.context`), so the mean is the whole loss."""
     value = value.detach().float().clone()
-    if data_parallel > 1:
-        dist.all_reduce(value, group=parallel_state.get_data_parallel_group())
-        value /= data_parallel
+    if replicas > 1:
+        dist.all_reduce(value, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
+        value /= replicas
     return value.item()
 
 
@@ -120,12 +132,26 @@ def destroy_process_groups() -> None:
 
 
 class MegatronMPU:
-    """megatron-core's groups in the shape DeepSpeed's `mpu=` argument expects."""
+    """megatron-core's groups in the shape DeepSpeed's `mpu=` argument expects.
+
+    DeepSpeed's "data parallel" group is the one it averages gradients and
+    partitions ZeRO states over: with context parallelism that is data x context,
+    since every context-parallel rank holds all the weights and a part of the loss.
+    """
 
     get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
-    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
-    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
-    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+
+    @staticmethod
+    def get_data_parallel_group():
+        return parallel_state.get_data_parallel_group(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_rank() -> int:
+        return parallel_state.get_data_parallel_rank(with_context_parallel=True)
+
+    @staticmethod
+    def get_data_parallel_world_size() -> int:
+        return parallel_state.get_data_parallel_world_size(with_context_parallel=True)
     get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
     get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
     get_tensor_model_parallel_world_size = staticmethod(

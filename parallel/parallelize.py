@@ -5,6 +5,8 @@ it: megatron-core's layers cut their weights by `parallel_state`, and a
 pipeline model holds only this rank's stage. What follows wraps it, and the
 order matters:
 
+0. Context parallelism puts each layer's core attention behind the all-to-all
+   exchange (`parallel.context`), before checkpointing wraps that attention.
 1. Activation checkpointing wraps the forwards of existing modules in place,
    before anything else holds on to those forwards.
 2. Sequence parallelism's gradient reduction is hooked onto the weights that
@@ -22,10 +24,12 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
+from megatron.core import parallel_state
 
 from parallel.activation_checkpointing import apply_activation_checkpointing
 from parallel.compile import compile_model
 from parallel.config import ParallelConfig
+from parallel.context import ContextSplit, distribute_attention
 from parallel.engine import Engine, EngineOptions, build_engine, clips_in_loop
 from parallel.tensor import reduce_sequence_parallel_grads
 
@@ -38,6 +42,8 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, *, options: En
     """The engine for `model` on this rank. `recomputed` maps the activation-checkpointing
     modes to the module types they recompute, `layer_types` are what compiling by layers
     compiles; both come from the model."""
+    if parallel.context > 1:
+        distribute_attention(model, parallel_state.get_context_parallel_group())
     # torch.utils.checkpoint around layers or core attention (megatron-core's recompute needs CUDA).
     apply_activation_checkpointing(model, parallel.activation_checkpointing, recomputed or {})
     if parallel.sequence_parallel:
@@ -45,4 +51,5 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, *, options: En
     optimizer = make_optimizer(model)
     deepspeed_engine = build_engine(model, optimizer, scheduler_factory, parallel, options, data_parallel)
     compile_model(deepspeed_engine.module, compile_mode, layer_types)
-    return Engine(deepspeed_engine, device, loop_clip=options.grad_clip if clips_in_loop(parallel) else 0.0)
+    return Engine(deepspeed_engine, device, loop_clip=options.grad_clip if clips_in_loop(parallel) else 0.0,
+                  context=ContextSplit.of_this_rank())

@@ -9,6 +9,7 @@ import torch
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.utils import clip_grad_norm_
 
+from parallel.context import ContextSplit
 from parallel.groups import MegatronMPU
 
 
@@ -32,18 +33,23 @@ def _loss_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
 
 def _pipeline_micro_batch(batch: dict, device: torch.device) -> tuple:
     """(inputs, labels) as DeepSpeed's pipeline engine takes them: the first stage gets the
-    inputs, the loss function the labels. With the end-of-document options the inputs are
-    (tokens, position ids, document starts), passed from stage to stage, and the labels
-    (labels, loss mask). The starts go last: DeepSpeed sends its "attention mask", the last
-    input, as a boolean. Without attention cut at documents they mark no start."""
+    inputs, the loss function the labels. With the end-of-document options (or a context-
+    parallel slice) the inputs are (tokens, position ids, document starts), passed from
+    stage to stage, and the labels (labels, loss mask[, loss weight]). The starts go last:
+    DeepSpeed sends its "attention mask", the last input, as a boolean. Without attention
+    cut at documents they mark no start."""
     tokens, labels = _to_device(batch, device)
-    if "loss_mask" not in batch:
+    if "position_ids" not in batch:
         return tokens, labels
     extras = _extras(batch, device)
     starts = extras.get("document_starts")
     if starts is None:
-        starts = torch.zeros_like(tokens, dtype=torch.bool)
-    return (tokens, extras["position_ids"], starts), (labels, _loss_mask(batch, device))
+        starts = torch.zeros_like(batch["position_ids"], dtype=torch.bool, device=device)
+    mask = _loss_mask(batch, device)
+    if mask is None:
+        mask = torch.ones_like(labels, dtype=torch.float)
+    weight = () if "loss_weight" not in batch else (torch.tensor(batch["loss_weight"], device=device),)
+    return (tokens, extras["position_ids"], starts), (labels, mask, *weight)
 
 
 def skip_nonfinite_updates(optimizer) -> None:
@@ -70,15 +76,31 @@ def skip_nonfinite_updates(optimizer) -> None:
     optimizer._skips_nonfinite = True
 
 
+def _this_ranks_part(batches: Iterator[dict], context: ContextSplit | None) -> Iterator[dict]:
+    """The batches as this rank sees them: under context parallelism, its slice of each."""
+    return batches if context is None else map(context.split, batches)
+
+
+def _model_loss(engine, batch: dict, device: torch.device) -> torch.Tensor:
+    """The mean loss of a (plain engine's) micro-batch; a context-parallel slice's is weighted
+    by its share of the sequence (`parallel.context`)."""
+    loss = engine(*_to_device(batch, device), **_extras(batch, device),
+                  loss_mask=_loss_mask(batch, device), reduction="mean")
+    return loss * batch["loss_weight"] if "loss_weight" in batch else loss
+
+
 def train_step(
-    engine, batches: Iterator[dict], device: torch.device, clip: float = 0.0
+    engine, batches: Iterator[dict], device: torch.device, clip: float = 0.0,
+    context: ContextSplit | None = None,
 ) -> tuple[torch.Tensor, float]:
     """One optimizer step over gradient_accumulation_steps micro-batches.
 
     Returns the mean loss and the gradient norm before clipping. `clip` > 0
     clips here (see `parallel.engine.clips_in_loop`); otherwise DeepSpeed clips.
+    Under context parallelism each rank trains on its slice of every sequence.
     """
     steps = engine.gradient_accumulation_steps()
+    batches = _this_ranks_part(batches, context)
     if isinstance(engine, PipelineEngine):
         # Every stage draws the step's micro-batches, so all ranks' loaders
         # stay in step; only the first and last stage use them.
@@ -90,9 +112,7 @@ def train_step(
     total = torch.zeros((), device=device)
     grad_norm = None
     for _ in range(steps):
-        batch = next(batches)
-        loss = engine(*_to_device(batch, device), **_extras(batch, device),
-                      loss_mask=_loss_mask(batch, device), reduction="mean")
+        loss = _model_loss(engine, next(batches), device)
         engine.backward(loss)  # DeepSpeed divides by the accumulation steps
         if clip > 0 and engine.is_gradient_accumulation_boundary():
             grad_norm = clip_grad_norm_(engine.module.parameters(), clip, mpu=MegatronMPU)
@@ -109,15 +129,16 @@ def train_step(
 
 
 @torch.no_grad()
-def eval_loss(engine, batches: list[dict], device: torch.device) -> torch.Tensor:
+def eval_loss(engine, batches: list[dict], device: torch.device,
+              context: ContextSplit | None = None) -> torch.Tensor:
     """Mean loss over `batches` (this rank's share), without updating anything."""
+    batches = list(_this_ranks_part(batches, context))
     if isinstance(engine, PipelineEngine):
         micro_batches = [_pipeline_micro_batch(b, device) for b in batches]
         return engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
     engine.eval()
     total = torch.zeros((), device=device)
     for batch in batches:
-        total += engine(*_to_device(batch, device), **_extras(batch, device),
-                        loss_mask=_loss_mask(batch, device), reduction="mean").float()
+        total += _model_loss(engine, batch, device).float()
     engine.train()
     return total / len(batches)

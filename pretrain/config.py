@@ -180,17 +180,33 @@ class Config:
             self.data.seq_len <= self.model.max_seq_len,
             f"data.seq_len={self.data.seq_len}: expected at most model.max_seq_len={self.model.max_seq_len}",
         )
+        if self.parallel.context > 1:
+            self._check_context_split()
         require(not (self.trainer.compile == "model" and self.parallel.pipeline > 1),
                 "trainer.compile=model with parallel.pipeline > 1: expected trainer.compile=layers "
                 "(pipeline stages are separate modules)")
 
+    def _check_context_split(self) -> None:
+        """Context parallelism cuts each sequence into equal slices and exchanges attention
+        heads all-to-all (`parallel.context`): both must divide."""
+        m, p, seq = self.model, self.parallel, self.data.seq_len
+        require(seq % p.context == 0,
+                f"data.seq_len={seq}: expected a multiple of parallel.context={p.context}")
+        heads, groups = m.num_attention_heads // p.tensor, m.query_groups // p.tensor
+        require(heads % p.context == 0,
+                f"model.num_attention_heads={m.num_attention_heads}: expected the {heads} heads per tensor-"
+                f"parallel rank to be a multiple of parallel.context={p.context} (attention is split by heads)")
+        require(groups % p.context == 0 or p.context % groups == 0,
+                f"model.num_query_groups={m.query_groups}: expected the {groups} query groups per tensor-"
+                f"parallel rank to divide or be divided by parallel.context={p.context}")
+
     def validate_world(self, world_size: int) -> int:
         """Checks the parallel layout against the world; returns the data-parallel size."""
         m, p, t = self.model, self.parallel, self.trainer
-        model_parallel = p.tensor * p.pipeline
+        model_parallel = p.tensor * p.pipeline * p.context
         require(world_size % model_parallel == 0,
                 f"world size {world_size}: expected a multiple of parallel.tensor x parallel.pipeline "
-                f"= {model_parallel}")
+                f"x parallel.context = {model_parallel}")
         for key in ("num_attention_heads", "ffn_hidden_size"):
             require(getattr(m, key) % p.tensor == 0,
                     f"model.{key}={getattr(m, key)}: expected a multiple of parallel.tensor={p.tensor}")

@@ -52,14 +52,15 @@ class DocumentTokens(PatternTokens):
         return collate(samples, EodOptions(EOD, mask_loss=True, reset_position_ids=True, reset_attention_mask=True))
 
 
-def layout_config(run_dir: Path, tensor=1, pipeline=1, zero=0, precision="fp32",
+def layout_config(run_dir: Path, tensor=1, pipeline=1, context=1, zero=0, precision="fp32",
                   sequence_parallel=False, tie=False, offload=False, checkpointing="none",
                   eod=False) -> Config:
     return from_dict(Config, {
         "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
                   "ffn_hidden_size": 128, "max_seq_len": SEQ, "tie_embeddings": tie},
         "data": {"seq_len": SEQ, "eod_mask_loss": eod, "reset_position_ids": eod, "reset_attention_mask": eod},
-        "parallel": {"tensor": tensor, "pipeline": pipeline, "zero_stage": zero, "precision": precision,
+        "parallel": {"tensor": tensor, "pipeline": pipeline, "context": context, "zero_stage": zero,
+                     "precision": precision,
                      "sequence_parallel": sequence_parallel, "offload_optimizer": offload,
                      "activation_checkpointing": checkpointing},
         "optim": {"lr": 1e-2, "min_lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "weight_decay": 0.1},
@@ -121,7 +122,7 @@ def trainer_for(cfg: Config):
     from data_pipeline.training_data import TrainingData
     from pretrain.training.build import build_trainer
 
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
     cfg.validate_world(topology.world_size)
     tokens = DocumentTokens if cfg.data.eod_mask_loss else PatternTokens
     return build_trainer(cfg, topology, TrainingData(train=tokens(), valid=tokens(), vocab_size=VOCAB))

@@ -103,7 +103,7 @@ def two_rank_group(init_run: str, exported: str, workdir: str) -> dict:
                                           ("init_tp2", {"tensor": 2}, INIT_STEPS, exported)):
         cfg = _config(Path(init_run), {"parallel": parallel, "trainer": {
             "run_dir": str(Path(workdir) / name), "train_steps": steps, "init_from": source}})
-        topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
+        topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
         data = load_training_data(cfg.data, topology.rank, log=lambda *_: None)
         trainer = build_trainer(cfg, topology, data)
         if source:

@@ -52,7 +52,7 @@ def _trainer(run_dir, layout, train):
     cfg = layout_config(Path(run_dir), **layout)
     cfg.trainer.train_steps = STEPS
     cfg.trainer.checkpoint_interval = SAVED_AT
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"))
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
     cfg.validate_world(topology.world_size)
     trainer = build_trainer(cfg, topology, TrainingData(train=train, valid=PatternTokens(), vocab_size=VOCAB))
     recorder = LossRecorder()

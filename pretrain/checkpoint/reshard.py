@@ -1,4 +1,4 @@
-"""Resuming a checkpoint under another parallel layout (TP, PP, DP, ZeRO stage, precision).
+"""Resuming a checkpoint under another parallel layout (TP, PP, CP, DP, ZeRO stage, precision).
 
 DeepSpeed reloads a checkpoint only into the layout that wrote it. When the
 layout saved with a checkpoint (its config and DeepSpeed's `dp_world_size`)
@@ -37,13 +37,15 @@ from pretrain.checkpoint.files import RunDirError
 class Layout:
     tensor: int
     pipeline: int
-    data: int
+    data: int  # DeepSpeed's data-parallel size: the ranks averaging gradients (data x context)
     zero_stage: int
     precision: str
+    context: int = 1
 
     def __str__(self) -> str:
-        return (f"TP={self.tensor} PP={self.pipeline} DP={self.data} ZeRO-{self.zero_stage} "
-                f"{self.precision}")
+        context = f" CP={self.context}" if self.context > 1 else ""
+        return (f"TP={self.tensor} PP={self.pipeline}{context} DP={self.data // self.context} "
+                f"ZeRO-{self.zero_stage} {self.precision}")
 
 
 def saved_layout(first: dict, path: Path) -> Layout:
@@ -52,7 +54,7 @@ def saved_layout(first: dict, path: Path) -> Layout:
         raise CheckpointError(f"{path}: no training config saved with it")
     p = config["parallel"]
     return Layout(p.get("tensor", 1), p.get("pipeline", 1), int(first.get("dp_world_size", 1)),
-                  p.get("zero_stage", 0), p.get("precision", "fp32"))
+                  p.get("zero_stage", 0), p.get("precision", "fp32"), p.get("context", 1))
 
 
 def read_first_states(path: Path) -> dict:

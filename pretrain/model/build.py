@@ -28,7 +28,9 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, padded_vocab: int, s
         pipeline_parallel=parallel.pipeline, sequence_parallel=parallel.sequence_parallel,
     )
     if parallel.pipeline > 1:
-        return build_pipeline(cfg, tconfig, padded_vocab, seed, parallel.pipeline, parallel.tensor, data_parallel,
+        # The pipeline's data axis is every rank that averages gradients: data x context.
+        return build_pipeline(cfg, tconfig, padded_vocab, seed, parallel.pipeline, parallel.tensor,
+                              data_parallel * parallel.context,
                               parallel.pipeline_partition)
     return LlamaModel(cfg, tconfig, padded_vocab, seed=seed,
                       loss_chunk_tokens=chunk_tokens(device, padded_vocab // parallel.tensor))

@@ -171,7 +171,7 @@ class LlamaModel(torch.nn.Module):
             gather_output=False,
             skip_weight_param_allocation=cfg.tie_embeddings,
         )
-        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
+        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling, cfg.max_seq_len)
         initialize_local(self.named_parameters(), cfg, seed)
 
     def forward(

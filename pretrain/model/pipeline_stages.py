@@ -56,7 +56,7 @@ class TransformerLayerStage(torch.nn.Module):
         self.layer = build_module(layer_spec(cfg.qk_norm), config=config, layer_number=index + 1)
         named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
         initialize_local(named, cfg, seed)
-        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling)
+        self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling, cfg.max_seq_len)
 
     def forward(self, inputs):
         """Hidden states [s, b, h], or (hidden states, position ids [b, s], document starts
@@ -119,7 +119,7 @@ def tied_output_logits(stage: EmbeddingStage, hidden: torch.Tensor) -> torch.Ten
 
 class VocabParallelLoss(torch.nn.Module):
     """Mean loss over the tokens, plus z-loss (`model.z_loss_multiplier`) while training;
-    `labels` is ids [b, s] or (ids, loss mask [b, s]).
+    `labels` is ids [b, s] or (ids, loss mask [b, s][, weight]).
 
     A module rather than a function: DeepSpeed's `PipelineModule` keeps its loss
     function as an attribute, which makes this a child of the pipeline, so the
@@ -132,8 +132,11 @@ class VocabParallelLoss(torch.nn.Module):
         self.z_loss = z_loss
 
     def forward(self, logits: torch.Tensor, labels) -> torch.Tensor:
-        labels, loss_mask = labels if isinstance(labels, tuple) else (labels, None)
-        return masked_mean(per_token_loss(logits, labels, self.z_loss if self.training else 0.0), loss_mask)
+        """`labels` may carry a third entry, a weight for the mean (a context-parallel slice's
+        share of its sequence's loss: `parallel.context`)."""
+        labels, loss_mask, *weight = labels if isinstance(labels, tuple) else (labels, None)
+        loss = masked_mean(per_token_loss(logits, labels, self.z_loss if self.training else 0.0), loss_mask)
+        return loss * weight[0] if weight else loss
 
 
 def build_pipeline(

@@ -100,13 +100,18 @@ class RotaryTables:
     entry reaches the graph as a ready tensor, its cos and sin not recomputed.
     """
 
-    def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None = None):
+    def __init__(self, head_dim: int, base: float, scaling: RopeScaling | None = None, max_positions: int = 0):
         self.head_dim, self.base, self.scaling = head_dim, base, scaling
+        # Position ids index a table this long at least: a slice of a longer sequence
+        # (context parallelism) holds positions beyond its own length.
+        self.max_positions = max_positions
         self._tables: dict[tuple, torch.Tensor] = {}
 
     def __call__(self, seq_len: int, device: torch.device,
                  position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[s, 1, 1, 2 * head_dim]; [s, b, 1, 2 * head_dim] for `position_ids` [b, s]."""
+        if position_ids is not None:
+            seq_len = max(seq_len, self.max_positions)
         key = (seq_len, device)
         if key not in self._tables:
             self._tables[key] = rotary_tables(seq_len, self.head_dim, self.base, device, self.scaling)

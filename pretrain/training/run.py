@@ -25,7 +25,7 @@ def run(cfg: Config, resolved_yaml: str, launched: bool = False) -> TrainState:
     # SIGUSR1/SIGTERM from here on are served at the first step boundary.
     triggers = SaveTriggers(t.checkpoint_interval, t.checkpoint_minutes, device)
     triggers.install()
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device)
+    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device, cfg.parallel.context)
     cfg.validate_world(topology.world_size)
     # One job at a time: rank 0 holds <run_dir>/.lock from before anything is written into the
     # run directory until this returns or exits; a second job stops here (every rank of it).

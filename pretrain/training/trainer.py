@@ -125,7 +125,7 @@ class Trainer:
         return self.data_parallel_mean(self.engine.eval_loss(self.valid_batches))
 
     def data_parallel_mean(self, value: torch.Tensor) -> float:
-        return data_parallel_mean(value, self.topology.data)
+        return data_parallel_mean(value, self.topology.gradient_replicas)
 
     def log(self, record: dict) -> None:
         for sink in self.sinks:
