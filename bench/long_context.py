@@ -39,13 +39,19 @@ def tiny(seq: int):
     return cfg, LlamaModel(cfg, transformer_config(cfg), cfg.padded_vocab_size(VOCAB), seed=1)
 
 
-def packed(seq: int, seed: int = 0):
-    from data_pipeline.dataset import EodOptions, eod_masks
-
+def packed_tokens(seq: int, seed: int = 0) -> torch.Tensor:
+    """[1, seq + 1] random tokens cut by EOD into documents of 64 to 2048 tokens."""
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(3, VOCAB, (1, seq + 1), generator=g)
     cuts = torch.cumsum(torch.randint(64, 2048, (seq // 64,), generator=g), 0)
     tokens[0, cuts[cuts < seq + 1]] = EOD
+    return tokens
+
+
+def packed(seq: int, seed: int = 0):
+    from data_pipeline.dataset import EodOptions, eod_masks
+
+    tokens = packed_tokens(seq, seed)
     inputs, labels = tokens[:, :-1], tokens[:, 1:]
     return inputs, labels, eod_masks(inputs, EodOptions(EOD, True, True, True))
 

@@ -31,20 +31,21 @@ def _loss_mask(batch: dict, device: torch.device) -> torch.Tensor | None:
     return None if mask is None else mask.to(device, non_blocking=True)
 
 
-def _pipeline_micro_batch(batch: dict, device: torch.device) -> tuple:
+def _pipeline_micro_batch(batch: dict, device: torch.device, context: ContextSplit | None) -> tuple:
     """(inputs, labels) as DeepSpeed's pipeline engine takes them: the first stage gets the
     inputs, the loss function the labels. With the end-of-document options (or a context-
     parallel slice) the inputs are (tokens, position ids, document starts), passed from
     stage to stage, and the labels (labels, loss mask[, loss weight]). The starts go last:
     DeepSpeed sends its "attention mask", the last input, as a boolean. Without attention
-    cut at documents they mark no start."""
+    cut at documents they mark no start (over the whole sequence: attention sees all of it)."""
     tokens, labels = _to_device(batch, device)
     if "position_ids" not in batch:
         return tokens, labels
     extras = _extras(batch, device)
     starts = extras.get("document_starts")
     if starts is None:
-        starts = torch.zeros_like(batch["position_ids"], dtype=torch.bool, device=device)
+        b, s = batch["position_ids"].shape
+        starts = torch.zeros(b, s * (context.size if context else 1), dtype=torch.bool, device=device)
     mask = _loss_mask(batch, device)
     if mask is None:
         mask = torch.ones_like(labels, dtype=torch.float)
@@ -104,7 +105,7 @@ def train_step(
     if isinstance(engine, PipelineEngine):
         # Every stage draws the step's micro-batches, so all ranks' loaders
         # stay in step; only the first and last stage use them.
-        micro_batches = [_pipeline_micro_batch(next(batches), device) for _ in range(steps)]
+        micro_batches = [_pipeline_micro_batch(next(batches), device, context) for _ in range(steps)]
         loss = engine.train_batch(data_iter=iter(micro_batches))
         grad_norm = engine.get_global_grad_norm()
         return loss.detach(), float(grad_norm if grad_norm is not None else float("nan"))
@@ -134,7 +135,7 @@ def eval_loss(engine, batches: list[dict], device: torch.device,
     """Mean loss over `batches` (this rank's share), without updating anything."""
     batches = list(_this_ranks_part(batches, context))
     if isinstance(engine, PipelineEngine):
-        micro_batches = [_pipeline_micro_batch(b, device) for b in batches]
+        micro_batches = [_pipeline_micro_batch(b, device, context) for b in batches]
         return engine.eval_batch(iter(micro_batches), num_micro_batches=len(micro_batches))
     engine.eval()
     total = torch.zeros((), device=device)

@@ -45,9 +45,19 @@ TIED_TWO_RANKS = {"pp2_tied": {"pipeline": 2, "tie": True}}
 # through the pipeline, against the one-process run with them (`eod_reference`).
 EOD_TWO_RANKS = {"pp2_eod": {"pipeline": 2, "eod": True}}
 TIED_FOUR_RANKS = {"tp2_pp2_tied": {"tensor": 2, "pipeline": 2, "tie": True}}
+# Context parallelism: each sequence split over two ranks (parallel/context.py), alone, with
+# the end-of-document options, and composed with TP (two query groups shared by the two
+# context ranks of a tensor rank), DP/ZeRO and a pipeline.
+CONTEXT_TWO_RANKS = {"cp2": {"context": 2}, "cp2_eod": {"context": 2, "eod": True}}
+CONTEXT_FOUR_RANKS = {
+    "cp2_tp2": {"context": 2, "tensor": 2},
+    "cp2_dp2_zero1": {"context": 2, "zero": 1},
+    "cp2_pp2_eod": {"context": 2, "pipeline": 2, "eod": True},
+}
 
 ROOTS = {}
-LAYOUTS = {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS, **TIED_FOUR_RANKS}  # FOUR_RANKS joins below
+LAYOUTS = {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS, **TIED_FOUR_RANKS,
+           **CONTEXT_TWO_RANKS, **CONTEXT_FOUR_RANKS}  # FOUR_RANKS joins below
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +80,8 @@ SINGLE = {
 @pytest.fixture(scope="module")
 def two_ranks(tmp_path_factory):
     ROOTS["two"] = root = tmp_path_factory.mktemp("two")
-    return run_distributed(train_layouts, 2, str(root), {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS})
+    return run_distributed(train_layouts, 2, str(root),
+                           {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS, **CONTEXT_TWO_RANKS})
 
 
 def assert_close(actual, expected, rtols):
@@ -123,7 +134,7 @@ LAYOUTS.update(FOUR_RANKS)
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     ROOTS["four"] = root = tmp_path_factory.mktemp("four")
-    return run_distributed(train_layouts, 4, str(root), {**FOUR_RANKS, **TIED_FOUR_RANKS})
+    return run_distributed(train_layouts, 4, str(root), {**FOUR_RANKS, **TIED_FOUR_RANKS, **CONTEXT_FOUR_RANKS})
 
 
 @pytest.mark.parametrize("layout", FOUR_RANKS)
@@ -329,3 +340,21 @@ def test_pipeline_with_end_of_document_options_matches_single_process(eod_refere
         assert_close(result["losses"], eod_reference["losses"], [FP32_RTOL] * STEPS)
         assert result["step"] == STEPS
         assert result["resumed"] == pytest.approx(result["continued"], rel=1e-6)
+
+
+def context_results(two_ranks, four_ranks, layout) -> list[dict]:
+    return [r[layout] for r in (two_ranks if layout in CONTEXT_TWO_RANKS else four_ranks)]
+
+
+@pytest.mark.parametrize("layout", {**CONTEXT_TWO_RANKS, **CONTEXT_FOUR_RANKS})
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
+def test_context_parallel_layout_matches_single_process(reference, eod_reference, two_ranks, four_ranks, layout):
+    """Each rank trains on its slice of every sequence; the losses are the one-process run's
+    (with the end-of-document options: its run with them), and a fresh engine loaded from
+    the checkpoint takes the same next step bit for bit."""
+    settings = {**CONTEXT_TWO_RANKS, **CONTEXT_FOUR_RANKS}[layout]
+    expected = eod_reference if settings.get("eod") else reference["fp32"]
+    for result in context_results(two_ranks, four_ranks, layout):
+        assert_close(result["losses"], expected["losses"], [FP32_RTOL] * STEPS)
+        assert result["step"] == STEPS
+        assert result["resumed"] == result["continued"]

@@ -2,8 +2,9 @@
 
 Source runs train 5 steps uninterrupted, checkpointing at step 3, under DP=2
 (ZeRO-1: the Adam moments are split over the data-parallel ranks), DP=2 bf16
-(ZeRO-1) and TP=2. Each step-3 checkpoint is then resumed under other layouts
-(one process, DP=4, TP=2 -> DP=2 ZeRO-2), and steps 4 and 5 must reproduce
+(ZeRO-1), TP=2 and CP=2 (ZeRO-1). Each step-3 checkpoint is then resumed under
+other layouts (one process, DP=4, TP=2 -> DP=2 ZeRO-2, CP=2 <-> DP=2), and
+steps 4 and 5 must reproduce
 the uninterrupted run's losses: within 1e-5 relative in fp32, where only the
 order of sums differs, and within 1e-2 in bf16, whose 8-bit mantissa rounds
 differently when a sum is split differently (see test_parallel_parity.py).
@@ -25,6 +26,9 @@ SOURCES = {
     "dp2_zero1": {"zero": 1},
     "dp2_zero1_bf16": {"zero": 1, "precision": "bf16"},
     "tp2": {"tensor": 2},
+    # Context parallelism: DeepSpeed's data-parallel group is the two context ranks, so
+    # ZeRO-1 splits the Adam moments over them.
+    "cp2_zero1": {"context": 2, "zero": 1},
 }
 
 
@@ -99,7 +103,9 @@ def sources(tmp_path_factory):
 
 def _two_rank_group(root: str) -> dict:
     losses = train_sources(root, SOURCES)
-    resumed = resume(root, {"tp2_to_dp2_zero2": ("tp2", {"zero": 2})})
+    resumed = resume(root, {"tp2_to_dp2_zero2": ("tp2", {"zero": 2}),
+                            "cp2_to_dp2": ("cp2_zero1", {"zero": 1}),
+                            "dp2_to_cp2": ("dp2_zero1", {"context": 2, "zero": 1})})
     return {"losses": losses, "resumed": resumed}
 
 
@@ -111,6 +117,7 @@ def one_process(sources, single_process_groups):
         "dp2_zero1_to_dp1_zero0": ("dp2_zero1", {}),
         "dp2_zero1_bf16_to_dp1": ("dp2_zero1_bf16", {"zero": 1, "precision": "bf16"}),
         "tp2_to_tp1": ("tp2", {}),
+        "cp2_to_cp1": ("cp2_zero1", {"zero": 1}),
     })
 
 
@@ -147,6 +154,7 @@ def test_uninterrupted_runs_learn(sources):
     ("dp2_zero1_to_dp1_zero0", "dp2_zero1", FP32_RTOL),
     ("dp2_zero1_bf16_to_dp1", "dp2_zero1_bf16", BF16_RTOL),
     ("tp2_to_tp1", "tp2", FP32_RTOL),
+    ("cp2_to_cp1", "cp2_zero1", FP32_RTOL),
 ])
 def test_resume_in_one_process(sources, one_process, plan, source, rtol):
     check(sources[1]["losses"][source], one_process[plan], rtol)
@@ -166,6 +174,17 @@ def test_resume_on_four_data_parallel_ranks(sources, four_ranks, plan, source, r
 def test_tensor_parallel_checkpoint_resumes_as_zero2(sources):
     _, runs = sources
     check(runs["losses"]["tp2"], runs["resumed"]["tp2_to_dp2_zero2"], FP32_RTOL)
+
+
+def test_context_parallel_size_changes_on_resume(sources):
+    """CP=2 -> DP=2 and DP=2 -> CP=2 on the same two ranks continue the run. Under CP=2 both
+    ranks read every sample of the step (each takes its slice), so rank 0 drew them all."""
+    _, runs = sources
+    check(runs["losses"]["cp2_zero1"], runs["resumed"]["cp2_to_dp2"], FP32_RTOL)
+    check(runs["losses"]["dp2_zero1"], runs["resumed"]["dp2_to_cp2"], FP32_RTOL)
+    check_samples([runs["resumed"]], "dp2_to_cp2")
+    # The same global batch split by sequence or by sample is the same step.
+    assert runs["losses"]["cp2_zero1"] == pytest.approx(runs["losses"]["dp2_zero1"], rel=FP32_RTOL)
 
 
 def test_moments_matter(sources, single_process_groups, tmp_path):

@@ -20,6 +20,7 @@ Coverage of {fp32, bf16} x {one process, TP=2, DP=2 with ZeRO-1} by real kills:
     one process bf16   here, two kills
     TP=2 fp32, bf16    here, torchrun, one kill each
     DP=2 fp32, bf16    here, torchrun, one kill each
+    CP=2 fp32          here, torchrun, one kill
 
 So the kills go through each of DeepSpeed's optimizer paths: plain fp32 (one
 process, TP=2), its bf16 optimizer (one process, TP=2) and ZeRO-1 in fp32 and
@@ -55,6 +56,8 @@ LAYOUTS = {
     "dp2_zero1_fp32": (2, ("in_save",), ("parallel.zero_stage=1", "trainer.micro_batch_size=4")),
     "dp2_zero1_bf16": (2, ("after_step",),
                        ("parallel.zero_stage=1", "trainer.micro_batch_size=4", "parallel.precision=bf16")),
+    # Context parallelism: both ranks read the same samples and train on halves of them.
+    "cp2_fp32": (2, ("after_step",), ("parallel.context=2",)),
 }
 
 

@@ -2,8 +2,9 @@
 
 Counted tensor by tensor from what autograd saves in this model's layers
 (pretrain/model/llama.py on megatron-core), for `T` = micro-batch x sequence
-tokens of one micro-batch, `w` bytes per element of the training dtype, `t`
-the tensor-parallel size, and `n` = `t` under sequence parallelism, else 1:
+tokens of one micro-batch on this rank (under context parallelism its slice,
+1/cp of each sequence), `w` bytes per element of the training dtype, `t` the
+tensor-parallel size, and `n` = `t` under sequence parallelism, else 1:
 
 | saved for backward, per transformer layer  | elements                  | divided by |
 |--------------------------------------------|---------------------------|------------|
@@ -29,6 +30,23 @@ at documents (`data.reset_attention_mask`, pretrain.model.document_attention)
 gathers each document's queries, keys and values into padded batches and
 keeps them and the padded outputs for backward: 1.5 x T (2h + 2kv) / t more
 per layer (padding to a power of two costs 1 to 2x, 1.5x on average).
+
+Context parallelism (`parallel.context` = cp > 1, Ulysses: parallel/context.py)
+changes only what attention keeps. The local attention saves the exchanged
+queries, keys and values ([s, b, heads / (t cp), d]: as many bytes as T
+tokens of all the rank's heads) and its output; the output exchanged back is
+a new tensor, the projection's input. The projection's q/k/v output and the
+rotated queries and keys go into the exchange and are not kept. Key-value
+groups fewer than cp per tensor rank are repeated up to cp before the
+exchange, so keys and values are `kv'` = max(groups, t cp) x head size wide:
+
+| saved for backward, per layer, cp > 1       | elements                  | divided by |
+|---------------------------------------------|---------------------------|------------|
+| exchanged q, k, v                           | T (h + 2 kv')             | t          |
+| attention output, and it exchanged back     | 2 T h (+ log-sum-exp)     | t          |
+
+Selective recomputation checkpoints the local attention inside the exchange:
+it keeps the exchanged q, k, v and the output exchanged back.
 
 Recomputation: `full` keeps each layer's input only, and recomputes one layer
 at a time in backward; `selective` recomputes the core attention (it saves its
@@ -68,6 +86,12 @@ class ActivationShape:
     padded_vocab: int
     device: str = "cuda"  # "cpu" or "cuda": the kernels that run, which save different things
     documents: bool = False  # attention cut at document starts (data.reset_attention_mask)
+    context: int = 1  # ranks that split each sequence (parallel.context)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens of one micro-batch on one rank: its slice of every sequence."""
+        return self.seq_len * self.micro_batch // self.context
 
 
 def norm_bytes(device: str, precision: str) -> int:
@@ -100,23 +124,46 @@ class StageActivations:
         return self.saved + self.working
 
 
+def exchanged_kv(m: ModelConfig, p: ParallelConfig) -> int:
+    """Width of the keys (or values) that go through the context-parallel exchange, over all
+    tensor ranks: the groups, repeated up to cp on each tensor rank where it has fewer."""
+    return max(m.query_groups, p.tensor * p.context) * m.head_dim
+
+
+def attention_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, recompute: str) -> int:
+    """What a layer's attention keeps for backward (module docstring), recomputation not full."""
+    w, t, tokens = DTYPE_BYTES[p.precision], p.tensor, shape.tokens
+    h = m.hidden_size
+    heads = m.num_attention_heads // t
+    if p.context > 1:
+        kv = exchanged_kv(m, p)
+        # The exchanged q, k, v and the output exchanged back (the projection's input).
+        attention = tokens * ((h + 2 * kv) + h) * w // t
+        if recompute == "selective":
+            return attention
+        attention += tokens * h * w // t  # the local attention's own output
+    else:
+        kv = m.query_groups * m.head_dim
+        attention = tokens * ((h + 2 * kv) + (h + kv) + h) * w // t
+        if recompute == "selective":
+            return attention
+    attention += tokens * heads * 4  # the fused kernel's fp32 log-sum-exp
+    if shape.documents:  # the padded per-document copies (module docstring)
+        attention += 3 * tokens * (2 * h + 2 * kv) * w // (2 * t)
+    return attention
+
+
 def layer_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, recompute: str) -> int:
     """What one transformer layer keeps for backward for one micro-batch."""
     w, t = DTYPE_BYTES[p.precision], p.tensor
     n = t if p.sequence_parallel else 1
-    tokens = shape.seq_len * shape.micro_batch
-    h, f, kv = m.hidden_size, m.ffn_hidden_size, m.query_groups * m.head_dim
-    heads = m.num_attention_heads // t
+    tokens = shape.tokens
+    h, f = m.hidden_size, m.ffn_hidden_size
     if recompute == "full":
         return tokens * h * w // n  # the layer's input
     norms = 2 * norm_bytes(shape.device, p.precision) * tokens * h // n
-    attention = tokens * ((h + 2 * kv) + (h + kv) + h) * w // t
-    if recompute != "selective":
-        attention += tokens * heads * 4  # the fused kernel's fp32 log-sum-exp
-        if shape.documents:  # the padded per-document copies (module docstring)
-            attention += 3 * tokens * (2 * h + 2 * kv) * w // (2 * t)
     mlp = 5 * tokens * f * w // t
-    return norms + attention + mlp
+    return norms + attention_bytes(m, p, shape, recompute) + mlp
 
 
 def ends_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, first: bool, last: bool,
@@ -124,7 +171,7 @@ def ends_bytes(m: ModelConfig, p: ParallelConfig, shape: ActivationShape, first:
     """The embedding side, the final norm and loss, and the stage's boundary buffers, per micro-batch."""
     w, t = DTYPE_BYTES[p.precision], p.tensor
     n = t if p.sequence_parallel else 1
-    tokens = shape.seq_len * shape.micro_batch
+    tokens = shape.tokens
     h = m.hidden_size
     total = tokens * 8 * 2  # token ids and labels (int64)
     if not last:
@@ -142,7 +189,7 @@ def stage_activations(m: ModelConfig, p: ParallelConfig, shape: ActivationShape,
                       layers: int) -> StageActivations:
     """Activation bytes of pipeline stage `stage` holding `layers` transformer layers."""
     w, t = DTYPE_BYTES[p.precision], p.tensor
-    tokens = shape.seq_len * shape.micro_batch
+    tokens = shape.tokens
     recompute = p.activation_checkpointing
     first, last = stage == 0, stage == p.pipeline - 1
     chunked = shape.device == "cpu" and p.pipeline == 1  # see parallel.output_loss.chunk_tokens

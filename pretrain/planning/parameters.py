@@ -86,15 +86,23 @@ def stage_layers(cfg: Config, padded_vocab: int) -> list[int]:
 # --- a run's ranks -------------------------------------------------------------------------
 
 def layout_data_parallel(cfg: Config, world_size: int) -> int:
-    """The data-parallel size, after the layout checks a run makes (the batch sizes aside:
-    memory does not depend on them)."""
-    model_parallel = cfg.parallel.tensor * cfg.parallel.pipeline
+    """The data-parallel size, the replicas that read different samples: world / (tensor x
+    pipeline x context), after the layout checks a run makes (the batch sizes aside: memory
+    does not depend on them)."""
+    p = cfg.parallel
+    model_parallel = p.tensor * p.pipeline * p.context
     if world_size % model_parallel:
-        raise ConfigError(f"world size {world_size}: expected a multiple of parallel.tensor x "
-                          f"parallel.pipeline = {model_parallel}")
+        axes = "parallel.tensor x parallel.pipeline" + (" x parallel.context" if p.context > 1 else "")
+        raise ConfigError(f"world size {world_size}: expected a multiple of {axes} = {model_parallel}")
     data_parallel = world_size // model_parallel
     batch = dataclasses.replace(cfg.trainer, micro_batch_size=1, global_batch_size=data_parallel)
     return dataclasses.replace(cfg, trainer=batch).validate_world(world_size)
+
+
+def gradient_replicas(cfg: Config, world_size: int) -> int:
+    """Ranks that hold the same weights, average their gradients and share ZeRO's partitions:
+    data x context (a context-parallel rank holds all the weights: parallel.groups.MegatronMPU)."""
+    return layout_data_parallel(cfg, world_size) * cfg.parallel.context
 
 
 def plan_memory(cfg: Config, world_size: int, vocab_size: int | None = None) -> list[tuple[str, int, RankMemory]]:
@@ -103,26 +111,26 @@ def plan_memory(cfg: Config, world_size: int, vocab_size: int | None = None) -> 
     Ranks differ only by pipeline stage; stages holding the same parameters
     share a row. `vocab_size` defaults to the model's, else the tokenizer's.
     """
-    data_parallel = layout_data_parallel(cfg, world_size)
+    replicas = gradient_replicas(cfg, world_size)
     vocab = vocab_size or cfg.model.vocab_size or cfg.data.tokenizer.vocab_size
     padded_vocab = cfg.model.padded_vocab_size(vocab, cfg.parallel.tensor)
     per_stage = stage_params(cfg, padded_vocab)
-    ranks_per_stage = cfg.parallel.tensor * data_parallel
+    ranks_per_stage = cfg.parallel.tensor * replicas
     rows: list[tuple[str, int, RankMemory]] = []
     if len(per_stage) == 1:
-        return [("every rank", world_size, rank_memory(per_stage[0], cfg.parallel, data_parallel))]
+        return [("every rank", world_size, rank_memory(per_stage[0], cfg.parallel, replicas))]
     start = 0
     for stage in range(1, len(per_stage) + 1):
         if stage == len(per_stage) or per_stage[stage] != per_stage[start]:
             name = f"pipeline stage {start}" if stage - start == 1 else f"pipeline stages {start}-{stage - 1}"
             rows.append((name, ranks_per_stage * (stage - start),
-                         rank_memory(per_stage[start], cfg.parallel, data_parallel)))
+                         rank_memory(per_stage[start], cfg.parallel, replicas)))
             start = stage
     return rows
 
 
 def predict_rank(cfg: Config, world_size: int, pipeline_rank: int, vocab_size: int) -> RankMemory:
     """The prediction for one rank, given its pipeline stage."""
-    data_parallel = layout_data_parallel(cfg, world_size)
     padded_vocab = cfg.model.padded_vocab_size(vocab_size, cfg.parallel.tensor)
-    return rank_memory(stage_params(cfg, padded_vocab)[pipeline_rank], cfg.parallel, data_parallel)
+    return rank_memory(stage_params(cfg, padded_vocab)[pipeline_rank], cfg.parallel,
+                       gradient_replicas(cfg, world_size))

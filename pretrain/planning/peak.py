@@ -41,12 +41,13 @@ class RankPlan:
 
 
 def activation_shape(cfg: Config, data_parallel: int, padded_vocab: int, device: str) -> ActivationShape:
+    """`data_parallel`: the replicas that read different samples (not counting context parallelism)."""
     t = cfg.trainer
     return ActivationShape(
         seq_len=cfg.data.seq_len, micro_batch=t.micro_batch_size,
         micro_batches=max(1, t.global_batch_size // (t.micro_batch_size * data_parallel)),
         padded_vocab=padded_vocab, device=device,
-        documents=cfg.data.reset_attention_mask)
+        documents=cfg.data.reset_attention_mask, context=cfg.parallel.context)
 
 
 def stage_plans(cfg: Config, world_size: int, vocab_size: int | None = None,
@@ -57,9 +58,10 @@ def stage_plans(cfg: Config, world_size: int, vocab_size: int | None = None,
     vocab = vocab_size or m.vocab_size or cfg.data.tokenizer.vocab_size
     padded_vocab = m.padded_vocab_size(vocab, p.tensor)
     shape = activation_shape(cfg, data_parallel, padded_vocab, device)
+    replicas = data_parallel * p.context  # ZeRO partitions over data x context
     plans = []
     for stage, (params, layers) in enumerate(zip(stage_params(cfg, padded_vocab), stage_layers(cfg, padded_vocab))):
-        states = rank_memory(params, p, data_parallel)
+        states = rank_memory(params, p, replicas)
         plans.append((states, stage_activations(m, p, shape, stage, layers),
                       DTYPE_BYTES[p.precision] * params))
     return plans
