@@ -164,17 +164,29 @@ class DataParallelLoader:
         self.consumed_samples += self.micro_batch_size * self.dp_size
         return batch
 
+    @property
+    def seq_len(self) -> int | None:
+        return getattr(self.dataset, "seq_len", None)
+
     def state_dict(self) -> dict[str, Any]:
-        """{"consumed_samples": n}: global, the same on every rank, whatever the data-parallel size."""
-        return {"consumed_samples": self.consumed_samples}
+        """{"consumed_samples": n, "seq_len": s}: global, the same on every rank, whatever
+        the data-parallel size."""
+        return {"consumed_samples": self.consumed_samples, "seq_len": self.seq_len}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continues at the saved position. A state saved at another sequence length (a
+        long-context stage) continues at the same token position of the epoch: the samples
+        taken so far held consumed x saved length tokens, so the new count is that many
+        tokens in samples of the new length, rounded up (no token is read twice in order)."""
         if "consumed_samples" not in state:
             from data_pipeline.cleaning import DataError
 
             raise DataError("loader state in the checkpoint is a streaming one; expected a checkpoint "
                             "written with data.streaming=false")
-        self.consumed_samples = int(state["consumed_samples"])
+        consumed, saved_len = int(state["consumed_samples"]), state.get("seq_len")
+        if saved_len and self.seq_len and saved_len != self.seq_len:
+            consumed = -(-consumed * saved_len // self.seq_len)
+        self.consumed_samples = consumed
 
 
 def fixed_batches(

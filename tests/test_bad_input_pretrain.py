@@ -35,6 +35,20 @@ CONFIG = [
     case("bad-enum", P, lambda w: w.pretrain(trainer__on_bad_steps="explode"),
          "trainer.on_bad_steps='explode': expected one of rollback, abort"),
     case("bad-enum-precision", P, lambda w: w.pretrain(parallel__precision="fp8"), "parallel.precision='fp8'"),
+    # Long context: the sequence split over context-parallel ranks, the heads exchanged
+    # between them, and RoPE scaling's positions.
+    case("context-not-dividing-seq", P, lambda w: w.pretrain(parallel__context="3"),
+         "data.seq_len=32: expected a multiple of parallel.context=3"),
+    case("context-not-dividing-heads", P, lambda w: w.pretrain(parallel__context="4"),
+         "model.num_attention_heads=2: expected the 2 heads per tensor-parallel rank to be a multiple of "
+         "parallel.context=4"),
+    case("context-below-one", P, lambda w: w.pretrain(parallel__context="0"), "parallel.context=0: expected >= 1"),
+    case("rope-scaling-missing-field", P, lambda w: w.pretrain(model__rope_scaling__type="llama3",
+                                                               model__rope_scaling__factor="2"),
+         "model.rope_scaling.original_max_position_embeddings=None"),
+    case("seq-past-scaled-positions", P, lambda w: w.pretrain(
+        model__rope_scaling__type="llama3", model__rope_scaling__factor="2",
+        model__rope_scaling__original_max_position_embeddings="16"), "model.max_seq_len=64: above the 32 positions"),
     case("bad-config-group", P, lambda w: [*w.pretrain(), "model=nonexistent"], "model/nonexistent"),
     case("override-syntax", P, lambda w: [*w.pretrain(), "model.hidden_size==3"], "model.hidden_size==3"),
     case("override-without-value", P, lambda w: [*w.pretrain(), "model.hidden_size"], "model.hidden_size"),

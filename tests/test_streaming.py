@@ -140,7 +140,7 @@ def test_indexed_resume_is_exact_and_resizes(corpus, tmp_path):
     assert isinstance(loaders[0], DataParallelLoader)
     seen = [tuple(row) for _ in range(4) for x in loaders for row in take(x, 1)[0].tolist()]
     state = loaders[0].state_dict()
-    assert state == loaders[1].state_dict() == {"consumed_samples": 24}
+    assert state == loaders[1].state_dict() == {"consumed_samples": 24, "seq_len": SEQ}
     resumed = build_train_loader(dataset, 3, 1, 2)
     resumed.load_state_dict(state)
     assert np.array_equal(take(resumed, 1)[0], take(loaders[1], 1)[0])
@@ -154,6 +154,14 @@ def test_indexed_resume_is_exact_and_resizes(corpus, tmp_path):
     assert sorted(seen) == sorted(tuple(dataset[i]) for i in range(42))
     with pytest.raises(DataError, match="is a streaming one"):
         resumed.load_state_dict({"kind": "streaming"})
+    # A long-context stage (4x the sequence length) continues at the same token position:
+    # in the unshuffled order, its first sample starts where the 24 saved samples ended.
+    in_order = PackedSequenceDataset(open_corpus(tmp_path, tokenizer), SEQ, seed=3, shuffle=False)
+    longer = PackedSequenceDataset(open_corpus(tmp_path, tokenizer), 4 * SEQ, seed=3, shuffle=False)
+    stage = build_train_loader(longer, 1, 0, 1)
+    stage.load_state_dict(build_train_loader(in_order, 3, 0, 2).state_dict() | {"consumed_samples": 24})
+    assert stage.consumed_samples == 6
+    assert np.array_equal(take(stage, 1)[0][0, :SEQ], in_order[24][:SEQ])
 
 
 @pytest.mark.slow  # loader worker processes
