@@ -34,7 +34,8 @@ def format_ranks(rows: list[RankPlan]) -> str:
 def describe(cfg: Config, world_size: int) -> str:
     p, t = cfg.parallel, cfg.trainer
     data = layout_data_parallel(cfg, world_size)
-    return (f"{cfg.model.name}: {world_size} ranks = tensor {p.tensor} x pipeline {p.pipeline} x data {data}, "
+    context = f" x context {p.context}" if p.context > 1 else ""
+    return (f"{cfg.model.name}: {world_size} ranks = tensor {p.tensor} x pipeline {p.pipeline}{context} x data {data}, "
             f"ZeRO-{p.zero_stage}, {p.precision}" + (", optimizer offloaded to CPU" if p.offload_optimizer else "")
             + f"; micro-batch {t.micro_batch_size} x sequence {cfg.data.seq_len}, global batch "
             f"{t.global_batch_size}, recompute {p.activation_checkpointing}"
@@ -57,8 +58,8 @@ def fit_report(plan: Plan, cluster: ClusterConfig, world_size: int, memory: int)
     line = f"does not fit: peak {format_bytes(plan.peak)} > {format_bytes(memory)} per device"
     changes = changes_that_fit(plan, cluster, world_size, memory)
     if not changes:
-        return line + "; no single change to recomputation, micro-batch, ZeRO stage, tensor or pipeline " \
-                      "size makes it fit (try --search)"
+        return line + "; no single change to recomputation, micro-batch, ZeRO stage, tensor, pipeline or " \
+                      "context size makes it fit (try --search)"
     change, changed = changes[0]
     slower = changed.time.step.total / plan.time.step.total - 1
     return (line + f"\nsmallest change that fits: {change} (peak {format_bytes(changed.peak)}, "
@@ -91,6 +92,9 @@ def cli(argv: list[str] | None = None) -> None:
                "  pretrain-plan --cluster h100_80g --nodes 64 model=llama_70b parallel.tensor=8 "
                "parallel.pipeline=4 parallel.precision=bf16 data.seq_len=4096 trainer.global_batch_size=512\n"
                "  pretrain-plan --cluster h100_80g --nodes 64 --search model=llama_70b ...\n"
+               "  pretrain-plan --cluster h100_80g --nodes 4 model=llama_8b model.max_seq_len=131072 "
+               "data.seq_len=131072 parallel.tensor=8 parallel.context=4 parallel.precision=bf16 "
+               "trainer.micro_batch_size=1 trainer.global_batch_size=8\n"
                "clusters: configs/cluster/*.yaml (or the path of such a file)",
     )
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=llama_8b parallel.tensor=8")
