@@ -6,8 +6,9 @@ throughput implies. A figure counted in hardware FLOPs (Megatron-LM 2021,
 MT-NLG, BLOOM: full recomputation included) is turned into a step time with
 that count: the model's FLOPs plus one more forward of the layers. A model
 FLOPs utilisation (Korthikanti et al. 2022, Llama 3, Megatron-Core) is turned
-into one with the model's FLOPs and the device's peak. Runs that need context
-parallelism are listed but not predicted (the planner does not model it yet).
+into one with the model's FLOPs and the device's peak. A run with context
+parallelism is priced as this stack runs it (Ulysses all-to-all), whatever
+exchange the run itself used.
 
     .venv/bin/python -m bench.plan_published [--runs bench/published_runs.yaml]
 """
@@ -45,7 +46,7 @@ def run_config(run: dict) -> Config:
     return from_dict(Config, {
         "model": model,
         "data": {"seq_len": run["seq_len"]},
-        "parallel": {"tensor": tensor, "pipeline": run["pipeline"], "zero_stage": zero,
+        "parallel": {"tensor": tensor, "pipeline": run["pipeline"], "context": run["context"], "zero_stage": zero,
                      "precision": run["precision"], "sequence_parallel": run["sequence_parallel"],
                      "activation_checkpointing": run["recompute"]},
         "trainer": {"micro_batch_size": run["micro_batch_size"], "global_batch_size": run["global_batch_size"]},
@@ -83,8 +84,6 @@ def main() -> None:
         layout = f"{run['tensor']}x{run['pipeline']}x{run['gpus'] // (run['tensor'] * run['pipeline'] * run['context'])}"
         if run["context"] > 1:
             layout += f"xcp{run['context']}"
-            print(f"{run['name']:<34}{run['gpus']:>6}  {layout:<14}  (context parallelism: not modelled yet)")
-            continue
         cfg = run_config(run)
         stack = Stack(overlap_tensor_comm=run["overlap_tensor_comm"],
                       overlap_grad_reduce=run["overlap_grad_reduce"], virtual_stages=run["virtual_pipeline"])
