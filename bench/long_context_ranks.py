@@ -12,14 +12,14 @@ them) and each runs `rank_main` over every sequence length:
   CP=2 two micro-batches, each sequence in halves. The first steps warm up, the next
   one is traced for its peak bytes (`parallel.memory.PeakTrace` over the engine's
   states, as `PeakMemoryReport` does), and the rest are timed by the trainer's own
-  `step_time`. Eager (`trainer.compile=auto` is `none` on two processes).
+  `step_time`. Eager (`trainer.compile=none`, what `auto` picks on two processes).
 - The exchange, for one layer's slices of the tiny model's queries, keys, values and
   output in fp32 (what `parallel.context.UlyssesAttention` exchanges at micro-batch
   1): (a) Ulysses, four `all_to_all_single`, raw and as DeepSpeed's
   `single_all_to_all` runs them (its layout copies included); (b) ring attention's,
   cp - 1 steps passing the key and value slices on (`batch_isend_irecv`); and the
   ceiling for each: one flat send/recv pair of the same bytes. Rounds alternate the
-  four; each round times several repetitions between barriers.
+  five; each times several repetitions after a barrier, and the median round counts.
 """
 
 from __future__ import annotations
@@ -68,7 +68,9 @@ class PackedDocuments:
 # --- training one layout ------------------------------------------------------------------------
 
 class StepRecorder:
-    """Traces step `warmup + 1` for its peak bytes and records the step times of the later ones."""
+    """Traces step `warmup + 1` for its peak bytes (by then DeepSpeed and the optimizer hold all
+    their states), and records the trainer's `step_time` of every later step. The traced step
+    is not timed: the trace adds a Python call per operator and per storage."""
 
     def __init__(self, warmup: int):
         self.warmup = warmup
@@ -88,13 +90,13 @@ class StepRecorder:
 
     def on_step_end(self, trainer, metrics: dict) -> None:
         step = metrics["step"]
-        if step == self.warmup:
-            self._start(trainer)
-        elif step == self.warmup + 1:
+        if step > self.warmup + 1:
+            self.times.append(float(metrics["step_time"]))
+        if step == self.warmup + 1:
             self.trace.__exit__(None, None, None)
             self.peak, self.baseline, self.trace = self.trace.peak, self.trace.baseline, None
-        elif step > self.warmup + 1:
-            self.times.append(float(metrics["step_time"]))
+        if step == self.warmup:
+            self._start(trainer)
 
     def on_train_end(self, trainer) -> None:
         if self.trace is not None:
@@ -103,11 +105,12 @@ class StepRecorder:
 
 
 def train_layout(cfg, warmup: int, steps: int, vocab: int, eod: int, run_dir: str) -> dict[str, Any]:
-    """This rank's peak bytes of one traced step and the times of `steps` timed steps of `cfg`."""
+    """This rank's peak bytes of the step after `warmup` and the times of `steps` steps after it."""
     from data_pipeline.training_data import TrainingData
     from parallel.groups import init_process_groups
     from pretrain.training.build import build_trainer
 
+    began = time.perf_counter()
     cfg.trainer.run_dir = run_dir
     cfg.trainer.train_steps = warmup + 1 + steps
     topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"),
@@ -117,11 +120,12 @@ def train_layout(cfg, warmup: int, steps: int, vocab: int, eod: int, run_dir: st
     recorder = StepRecorder(warmup)
     trainer = build_trainer(cfg, topology, TrainingData(train=data, valid=data, vocab_size=vocab),
                             callbacks=[recorder])
+    built = time.perf_counter()
     trainer.fit()
     tokens_per_step = trainer.tokens_per_step
     del trainer
     return {"times": recorder.times, "peak": recorder.peak, "baseline": recorder.baseline,
-            "tokens_per_step": tokens_per_step}
+            "tokens_per_step": tokens_per_step, "build_s": built - began, "fit_s": time.perf_counter() - built}
 
 
 # --- the exchange -------------------------------------------------------------------------------
@@ -218,9 +222,11 @@ def rank_main(plan: list[dict], vocab: int, eod: int, run_root: str) -> list[dic
             run_dir = str(Path(run_root) / f"seq{seq}-cp{cp}")
             out["train"][cp] = train_layout(cfg, entry["warmup"], entry["steps"], vocab, eod, run_dir)
         m = entry["model"]
+        began = time.perf_counter()
         init_process_groups(1, 1, torch.device("cpu"), WORLD)
         out["exchange"] = exchanges(seq, m["heads"], m["groups"], m["head_dim"],
                                     parallel_state.get_context_parallel_group(), entry["rounds"])
+        out["exchange"]["wall_s"] = time.perf_counter() - began
         results.append(out)
     return results
 

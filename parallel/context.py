@@ -10,15 +10,20 @@ sequence for its share of the heads (causal, or cut at document starts: the
 starts travel with the batch, whole), and a second all-to-all turns the output
 back into the rank's slice.
 
-Why Ulysses rather than ring attention: each rank sends 4 s h / cp values per
-layer (queries, keys, values, output), independent of how many ranks share the
-sequence, where a ring passes every other rank's keys and values (2 (cp-1) s
-h_kv / cp) and overlaps that with blockwise attention. Ulysses keeps attention
-one local kernel (flash, or the per-document path of
-`pretrain.model.document_attention`, unchanged), needs no online-softmax
-merging, and composes with document masks for free; `bench/long_context.py`
-measures both exchanges. Its limit is the head count: the heads (and key-value
-groups, repeated where fewer) of a tensor-parallel rank must divide by cp.
+Why Ulysses rather than ring attention, measured (`bench/long_context.py`,
+docs/benchmarks.md): per layer's forward, Ulysses sends (2h + 2h_kv) s b
+(cp-1)/cp^2 values off each rank, a ring of key-value slices 2 (cp-1) s b
+h_kv / cp. Under grouped-query attention the ring sends less (two thirds of
+Ulysses' bytes for the tiny model at cp=2; fewer unless cp > 1 + h/h_kv), and
+over gloo its send/recv steps took 0.3-0.5x the time of the four all-to-alls.
+But the exchange was 2.5-5% of a cp=2 step either way, and Ulysses keeps
+attention one local kernel over the whole sequence: flash attention, or the
+per-document path of `pretrain.model.document_attention`, unchanged, with no
+online-softmax merging of partial results across document cuts and no
+per-step masks of which chunk may see which. That is the reason for it. Its
+limit is the head count: the heads of a tensor-parallel rank must divide by
+cp (key-value groups are repeated where fewer); past that, or where the
+exchange dominates a step, a ring is the next thing to add.
 
 Why contiguous slices rather than mirrored chunks: under Ulysses every rank
 computes attention for all positions of its heads, so causal work is already

@@ -227,8 +227,8 @@ PIPELINE_PEAK_RTOL = 0.15
 PIPELINE_REDUCE_RTOL = 0.30
 
 
-@pytest.mark.parametrize("world,layout", [("two", name) for name in TWO_RANKS]
-                         + [("four", name) for name in FOUR_RANKS])
+@pytest.mark.parametrize("world,layout", [("two", name) for name in {**TWO_RANKS, **CONTEXT_TWO_RANKS}]
+                         + [("four", name) for name in {**FOUR_RANKS, **CONTEXT_FOUR_RANKS}])
 @pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
 def test_planner_predicts_each_ranks_peak(two_ranks, four_ranks, world, layout):
     from parallel.memory_plan import DTYPE_BYTES, REDUCE_BUCKET_SIZE
