@@ -10,19 +10,27 @@ linear_fc1.weight`); pipeline stages translate their local names to these.
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 # Row split (dim 0): column-parallel outputs and the vocabulary-parallel embedding.
 _DIM0 = ("embedding.weight", "output_layer.weight", "self_attention.linear_qkv.weight")
 # Column split (dim 1): row-parallel inputs.
-_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight")
+_DIM1 = ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight", "shared_experts.linear_fc2.weight")
 # SwiGLU's fc1 holds [gate; up]; each rank holds its slice of both halves, in
 # that order, because the layer splits its local output into two halves.
-_GATED = ("mlp.linear_fc1.weight",)
+_GATED = ("mlp.linear_fc1.weight", "shared_experts.linear_fc1.weight")
+# Each expert of a mixture-of-experts layer is a SwiGLU MLP split the same way
+# (`mlp.experts.local_experts.<e>.linear_fc1.weight`); its router is replicated.
+_EXPERT = re.compile(r"\.experts\.local_experts\.\d+\.linear_fc([12])\.weight$")
 
 
 def split_rule(name: str) -> str:
     """'dim0', 'dim1', 'gated' or 'replicated' for a canonical parameter name."""
+    expert = _EXPERT.search(name)
+    if expert:
+        return "gated" if expert.group(1) == "1" else "dim1"
     if name.endswith(_GATED):
         return "gated"
     if name.endswith(_DIM0):

@@ -182,6 +182,9 @@ class Config:
         )
         if self.parallel.context > 1:
             self._check_context_split()
+        require(not (self.model.moe.enabled and self.parallel.precision == "fp16"),
+                "parallel.precision=fp16 with model.moe.num_experts > 0: expected bf16 or fp32 (the "
+                "routers' auxiliary-loss gradients are injected in backward without the fp16 loss scale)")
         require(not (self.trainer.compile == "model" and self.parallel.pipeline > 1),
                 "trainer.compile=model with parallel.pipeline > 1: expected trainer.compile=layers "
                 "(pipeline stages are separate modules)")

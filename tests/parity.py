@@ -54,10 +54,10 @@ class DocumentTokens(PatternTokens):
 
 def layout_config(run_dir: Path, tensor=1, pipeline=1, context=1, zero=0, precision="fp32",
                   sequence_parallel=False, tie=False, offload=False, checkpointing="none",
-                  eod=False) -> Config:
+                  eod=False, moe=None) -> Config:
     return from_dict(Config, {
         "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
-                  "ffn_hidden_size": 128, "max_seq_len": SEQ, "tie_embeddings": tie},
+                  "ffn_hidden_size": 128, "max_seq_len": SEQ, "tie_embeddings": tie, "moe": moe or {}},
         "data": {"seq_len": SEQ, "eod_mask_loss": eod, "reset_position_ids": eod, "reset_attention_mask": eod},
         "parallel": {"tensor": tensor, "pipeline": pipeline, "context": context, "zero_stage": zero,
                      "precision": precision,

@@ -66,6 +66,82 @@ class RopeScaling:
         return None
 
 
+MOE_SCORES = ("softmax", "sigmoid")
+MOE_BALANCING = ("aux_loss", "seq_aux_loss", "none")
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-experts feed-forward layers (`model.moe`); `num_experts: 0` is a dense model.
+
+    Each MoE layer routes every token to `top_k` of `num_experts` SwiGLU experts of
+    `expert_ffn_hidden_size` (fine-grained experts are many small ones), plus, when
+    `shared_expert_ffn_hidden_size` > 0, a shared expert every token goes through.
+    The first `first_dense_layers` layers keep the dense MLP (DeepSeek-V3's 3).
+    Routing scores are a softmax or sigmoid of the router's logits
+    (`score_function`); with `normalize_top_k` the chosen k are rescaled to sum to one.
+    Load is balanced by an auxiliary loss over the batch (`aux_loss`, Switch/GShard)
+    or per sequence (`seq_aux_loss`, DeepSeek-V3), times `aux_loss_coeff`, and/or
+    without a loss by a per-expert bias added to the scores for choosing only
+    (`expert_bias`: DeepSeek-V3's aux-loss-free balancing, moved by
+    `expert_bias_update_rate` toward the mean load after every update).
+    `router_z_loss_coeff` penalises large router logits (ST-MoE). Routing is dropless
+    unless `capacity_factor` is set: an expert then takes at most
+    capacity_factor x tokens x top_k / experts tokens and drops the lowest-scored rest.
+    """
+
+    num_experts: int = 0
+    top_k: int = 2
+    expert_ffn_hidden_size: int | None = None  # None: model.ffn_hidden_size
+    shared_expert_ffn_hidden_size: int = 0  # 0: no shared expert
+    first_dense_layers: int = 0
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    normalize_top_k: bool = True
+    load_balancing: Literal["aux_loss", "seq_aux_loss", "none"] = "aux_loss"
+    aux_loss_coeff: float = 1e-2
+    expert_bias: bool = False
+    expert_bias_update_rate: float = 1e-3
+    router_z_loss_coeff: float = 0.0
+    capacity_factor: float | None = None  # None: dropless
+
+    def __post_init__(self) -> None:
+        require(self.num_experts >= 0, f"model.moe.num_experts={self.num_experts}: expected >= 0 (0: dense)")
+        if self.num_experts == 0:
+            require(self.shared_expert_ffn_hidden_size == 0,
+                    f"model.moe.shared_expert_ffn_hidden_size={self.shared_expert_ffn_hidden_size}: expected 0 "
+                    "without experts (model.moe.num_experts=0)")
+            return
+        require(1 <= self.top_k <= min(8, self.num_experts),
+                f"model.moe.top_k={self.top_k}: expected 1 to min(8, model.moe.num_experts={self.num_experts})")
+        require(self.expert_ffn_hidden_size is None or self.expert_ffn_hidden_size > 0,
+                f"model.moe.expert_ffn_hidden_size={self.expert_ffn_hidden_size}: expected > 0 or null")
+        require(self.shared_expert_ffn_hidden_size >= 0,
+                f"model.moe.shared_expert_ffn_hidden_size={self.shared_expert_ffn_hidden_size}: expected >= 0")
+        require(self.first_dense_layers >= 0,
+                f"model.moe.first_dense_layers={self.first_dense_layers}: expected >= 0")
+        require(self.score_function in MOE_SCORES,
+                f"model.moe.score_function={self.score_function!r}: expected one of {', '.join(MOE_SCORES)}")
+        require(self.load_balancing in MOE_BALANCING,
+                f"model.moe.load_balancing={self.load_balancing!r}: expected one of {', '.join(MOE_BALANCING)}")
+        for key in ("aux_loss_coeff", "expert_bias_update_rate", "router_z_loss_coeff"):
+            require(getattr(self, key) >= 0, f"model.moe.{key}={getattr(self, key)}: expected >= 0")
+        require(self.normalize_top_k or self.score_function == "softmax" or self.top_k == 1,
+                "model.moe.normalize_top_k=false with model.moe.score_function=sigmoid: expected true "
+                "(megatron-core always rescales the chosen sigmoid scores to sum to one)")
+        require(not (self.normalize_top_k and self.top_k == 1 and self.score_function == "softmax"),
+                "model.moe.normalize_top_k=true with model.moe.top_k=1: expected false (one chosen softmax "
+                "score rescaled is always 1, and the router would learn nothing)")
+        require(not self.expert_bias or self.score_function == "sigmoid",
+                "model.moe.expert_bias=true: expected model.moe.score_function=sigmoid (the bias steers "
+                "sigmoid scores, as in DeepSeek-V3)")
+        require(self.capacity_factor is None or self.capacity_factor > 0,
+                f"model.moe.capacity_factor={self.capacity_factor}: expected > 0, or null for dropless routing")
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -90,6 +166,8 @@ class ModelConfig:
     qk_norm: bool = False
     # Rotary position scaling for long contexts (none, linear, llama3, yarn; see RopeScaling).
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    # Mixture-of-experts feed-forward layers (see MoEConfig); num_experts 0: dense.
+    moe: MoEConfig = field(default_factory=MoEConfig)
 
     def __post_init__(self) -> None:
         for key in ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
@@ -114,6 +192,11 @@ class ModelConfig:
         require(isinstance(self.qk_norm, bool), f"model.qk_norm={self.qk_norm!r}: expected true or false")
         if isinstance(self.rope_scaling, dict):  # built in code rather than from a config tree
             self.rope_scaling = RopeScaling(**self.rope_scaling)
+        if isinstance(self.moe, dict):
+            self.moe = MoEConfig(**self.moe)
+        require(self.moe.first_dense_layers <= self.num_layers,
+                f"model.moe.first_dense_layers={self.moe.first_dense_layers}: expected at most "
+                f"model.num_layers={self.num_layers}")
         supported = self.rope_scaling.supported_length()
         require(supported is None or self.max_seq_len <= supported,
                 f"model.max_seq_len={self.max_seq_len}: above the {supported} positions "
@@ -132,9 +215,24 @@ class ModelConfig:
         multiple = self.vocab_multiple * tensor_parallel
         return -(-vocab_size // multiple) * multiple
 
-    def num_params(self, padded_vocab_size: int) -> int:
-        """Parameter count, embeddings included."""
+    def is_moe_layer(self, index: int) -> bool:
+        """Whether layer `index` (from 0) has experts rather than the dense MLP."""
+        return self.moe.enabled and index >= self.moe.first_dense_layers
+
+    @property
+    def expert_ffn_hidden_size(self) -> int:
+        return self.moe.expert_ffn_hidden_size or self.ffn_hidden_size
+
+    def num_params(self, padded_vocab_size: int, active: bool = False) -> int:
+        """Parameter count, embeddings included; `active`: those one token goes through
+        (top_k of the experts of each MoE layer, and the shared expert)."""
         h, f, kv = self.hidden_size, self.ffn_hidden_size, self.query_groups * self.head_dim
-        per_layer = h * (h + 2 * kv) + h * h + 3 * h * f + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        attention_and_norms = h * (h + 2 * kv) + h * h + 2 * h + (2 * self.head_dim if self.qk_norm else 0)
+        moe = self.moe
+        experts = moe.top_k if active else moe.num_experts
+        moe_layer = (h * moe.num_experts + 3 * h * self.expert_ffn_hidden_size * experts
+                     + 3 * h * moe.shared_expert_ffn_hidden_size) if moe.enabled else 0
+        layers = sum(attention_and_norms + (moe_layer if self.is_moe_layer(i) else 3 * h * f)
+                     for i in range(self.num_layers))
         embeddings = padded_vocab_size * h * (1 if self.tie_embeddings else 2)
-        return self.num_layers * per_layer + embeddings + h
+        return layers + embeddings + h

@@ -16,11 +16,16 @@ def matmul_params(cfg: ModelConfig, padded_vocab_size: int) -> int:
     The output layer is counted even when tied to the embedding: it is still a
     [hidden x vocab] matmul per token.
     """
-    h, f = cfg.hidden_size, cfg.ffn_hidden_size
+    h, f, moe = cfg.hidden_size, cfg.ffn_hidden_size, cfg.moe
     kv = cfg.query_groups * cfg.head_dim
     attention = h * (h + 2 * kv) + h * h  # fused q/k/v projection (GQA) + output projection
     mlp = 3 * h * f  # SwiGLU: gate, up, down
-    return cfg.num_layers * (attention + mlp) + padded_vocab_size * h
+    # A mixture-of-experts layer counts what a token goes through: the router, its
+    # top_k experts and the shared expert (active parameters).
+    experts = h * moe.num_experts + 3 * h * (moe.top_k * cfg.expert_ffn_hidden_size
+                                             + moe.shared_expert_ffn_hidden_size)
+    layers = sum(attention + (experts if cfg.is_moe_layer(i) else mlp) for i in range(cfg.num_layers))
+    return layers + padded_vocab_size * h
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int, padded_vocab_size: int) -> float:

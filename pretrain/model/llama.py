@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 
 from parallel.output_loss import token_weights
 from parallel.sequence import scatter_to_sequence_parallel_region
+from pretrain.model import moe
 from pretrain.model.config import ModelConfig
 from pretrain.model.cross_entropy import cross_entropy_and_logsumexp
 from pretrain.model.init import initialize_local
@@ -94,15 +95,17 @@ def transformer_config(
         recompute_granularity=recompute,
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
+        **moe.transformer_config_fields(cfg),
     )
 
 
-def layer_spec(qk_norm: bool = False) -> ModuleSpec:
+def layer_spec(qk_norm: bool = False, experts: ModuleSpec | None = None) -> ModuleSpec:
     """A pre-norm Llama layer: norm → attention → residual, norm → SwiGLU → residual.
 
     With `qk_norm`, megatron-core's attention normalises each head's queries and keys
     (over the head's channels, one weight per layer shared by the heads) before
-    rotating them, as its `qk_layernorm` spec does.
+    rotating them, as its `qk_layernorm` spec does. `experts` (`pretrain.model.moe`)
+    takes the SwiGLU MLP's place in a mixture-of-experts layer.
     """
     head_norm = HeadNorm if qk_norm else IdentityOp
     return ModuleSpec(
@@ -122,7 +125,7 @@ def layer_spec(qk_norm: bool = False) -> ModuleSpec:
             ),
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=RMSNorm,
-            mlp=ModuleSpec(
+            mlp=experts or ModuleSpec(
                 module=MLP,
                 submodules=MLPSubmodules(
                     linear_fc1=ColumnParallelLinear,
@@ -132,6 +135,11 @@ def layer_spec(qk_norm: bool = False) -> ModuleSpec:
             mlp_bda=get_bias_dropout_add,
         ),
     )
+
+
+def model_layer_spec(cfg: ModelConfig, index: int) -> ModuleSpec:
+    """The spec of layer `index` (from 0): dense, or with experts (`model.moe`)."""
+    return layer_spec(cfg.qk_norm, moe.moe_spec(cfg) if cfg.is_moe_layer(index) else None)
 
 
 class LlamaModel(torch.nn.Module):
@@ -157,7 +165,7 @@ class LlamaModel(torch.nn.Module):
         self.decoder = TransformerBlock(
             config,
             TransformerBlockSubmodules(
-                layer_specs=[layer_spec(cfg.qk_norm)] * cfg.num_layers, layer_norm=RMSNorm
+                layer_specs=[model_layer_spec(cfg, i) for i in range(cfg.num_layers)], layer_norm=RMSNorm
             ),
             pre_process=True,
             post_process=True,

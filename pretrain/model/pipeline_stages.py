@@ -28,7 +28,7 @@ from pretrain.model.config import ModelConfig
 from pretrain.model.init import initialize_local
 from pretrain.model.layers import ColumnParallelLinear, RMSNorm
 from pretrain.model.rotary import RotaryTables
-from pretrain.model.llama import embed_tokens, layer_spec, masked_mean, per_token_loss
+from pretrain.model.llama import embed_tokens, masked_mean, model_layer_spec, per_token_loss
 
 
 class EmbeddingStage(torch.nn.Module):
@@ -53,7 +53,7 @@ class TransformerLayerStage(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, index: int, seed: int):
         super().__init__()
-        self.layer = build_module(layer_spec(cfg.qk_norm), config=config, layer_number=index + 1)
+        self.layer = build_module(model_layer_spec(cfg, index), config=config, layer_number=index + 1)
         named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
         initialize_local(named, cfg, seed)
         self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling, cfg.max_seq_len)

@@ -28,6 +28,7 @@ from pretrain.checkpoint.checkpointer import Checkpointer
 from pretrain.checkpoint.reshard import Layout
 from pretrain.config import Config
 from pretrain.model.build import LAYER_TYPES, RECOMPUTED, build_model
+from pretrain.model.moe import set_aux_loss_scale
 from pretrain.training import faults
 from pretrain.training.callback import Callback
 from pretrain.training.callbacks import Checkpointing, ConsoleProgress, Evaluation
@@ -35,6 +36,7 @@ from pretrain.training.flops import FlopsMeter
 from pretrain.training.guard import BadStepGuard
 from pretrain.training.host_memory import retain_freed_host_memory
 from pretrain.training.memory_report import MemoryReport
+from pretrain.training.moe_balance import MoEBalance
 from pretrain.training.optim import build_optimizer, build_scheduler
 from pretrain.training.preemption import SaveTriggers
 from pretrain.training.sinks import build_sinks
@@ -94,6 +96,11 @@ def build_trainer(cfg: Config, topology: Topology, data: TrainingData, triggers:
         compile_mode=resolve_compile(t.compile, topology), recomputed=RECOMPUTED, layer_types=LAYER_TYPES,
     )
 
+    after_update = None
+    if cfg.model.moe.enabled:
+        set_aux_loss_scale(engine.deepspeed.gradient_accumulation_steps())
+        after_update = MoEBalance(engine.module, engine.deepspeed.gradient_accumulation_steps())
+
     trainer: Trainer  # the checkpointer and the fault hook report through it once it exists
     p = cfg.parallel
     checkpointer = Checkpointer(
@@ -116,6 +123,6 @@ def build_trainer(cfg: Config, topology: Topology, data: TrainingData, triggers:
         flops=FlopsMeter(cfg.model, d.seq_len, padded_vocab, device, p.precision, topology.world_size,
                          cfg.logger.peak_flops),
         guard=BadStepGuard(t.max_bad_steps, t.on_bad_steps, fp16=p.precision == "fp16"),
-        num_params=cfg.model.num_params(padded_vocab),
+        num_params=cfg.model.num_params(padded_vocab), after_update=after_update,
     )
     return trainer

@@ -12,7 +12,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -50,8 +50,10 @@ class Trainer:
     def __init__(self, cfg: Config, topology: Topology, data: TrainingData, engine: Engine,
                  checkpointer: Checkpointer, train_loader: Iterator[dict], valid_batches: list[dict],
                  callbacks: list[Callback], sinks: list[Callback], flops: FlopsMeter, guard: BadStepGuard,
-                 num_params: int):
+                 num_params: int, after_update: Callable[[], dict] | None = None):
         self.cfg, self.topology, self.data = cfg, topology, data
+        # Model upkeep after every step, returning its metrics (mixture-of-experts balancing).
+        self.after_update = after_update or dict
         self.device = topology.device
         self.engine, self.checkpointer = engine, checkpointer
         self.train_loader, self.valid_batches = train_loader, valid_batches
@@ -90,6 +92,7 @@ class Trainer:
                 "consumed_tokens": self.state.consumed_tokens,
                 "memory_bytes": memory_bytes(self.device),
                 "skipped_steps": self.state.skipped_steps,
+                **self.after_update(),
             }
             self.log(metrics)
             if self.guard.check(self.state.step, loss, result.grad_norm, result.skipped) == "rollback":

@@ -1,0 +1,129 @@
+"""Mixture-of-experts layers (`model.moe`, pretrain/model/moe.py) on CPU, in one process.
+
+megatron-core's MoELayer with the device-agnostic router trains inside the
+DeepSpeed engine, reports its metrics, resumes bit for bit, and both ways of
+balancing the load (auxiliary loss, expert bias) pull a skewed router toward
+an even load.
+"""
+
+import pytest
+import torch
+
+from common.typed_config import ConfigError
+from pretrain.model.config import ModelConfig, MoEConfig
+from pretrain.model.flops import matmul_params
+
+MOE = {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64, "shared_expert_ffn_hidden_size": 32,
+       "first_dense_layers": 1, "router_z_loss_coeff": 1e-3}
+
+
+def test_active_parameters_count_top_k_experts_and_the_shared_one():
+    dense = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128)
+    moe = ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                      moe=MoEConfig(**MOE))
+    h = 64
+    layer = h * 4 + 3 * h * (4 * 64 + 32)  # router, four experts, the shared expert
+    active = h * 4 + 3 * h * (2 * 64 + 32)
+    # Layer 0 stays dense (first_dense_layers=1); layer 1 trades its MLP for experts.
+    assert moe.num_params(256) - dense.num_params(256) == layer - 3 * h * 128
+    assert moe.num_params(256, active=True) - dense.num_params(256) == active - 3 * h * 128
+    assert matmul_params(moe, 256) - matmul_params(dense, 256) == active - 3 * h * 128
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"top_k": 5}, "model.moe.top_k=5: expected 1 to min(8, model.moe.num_experts=4)"),
+    ({"num_experts": 0, "shared_expert_ffn_hidden_size": 32}, "model.moe.shared_expert_ffn_hidden_size=32"),
+    ({"capacity_factor": -1.0}, "model.moe.capacity_factor=-1.0: expected > 0"),
+    ({"expert_bias": True}, "model.moe.expert_bias=true: expected model.moe.score_function=sigmoid"),
+    ({"score_function": "tanh"}, "model.moe.score_function='tanh'"),
+    ({"top_k": 1}, "model.moe.normalize_top_k=true with model.moe.top_k=1: expected false"),
+])
+def test_bad_moe_settings_are_refused_in_one_line(change, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MoEConfig(**{**MOE, **change})
+
+
+@pytest.fixture(scope="module")
+def moe_run(single_process_groups, tmp_path_factory):
+    from parity import train_layout
+
+    root = tmp_path_factory.mktemp("moe")
+    dense = train_layout(str(root / "dense"))
+    moe = train_layout(str(root / "moe"), moe=MOE)
+    return dense, moe, root
+
+
+def test_moe_model_trains_and_resumes_exactly(moe_run):
+    dense, moe, _ = moe_run
+    losses = moe["losses"]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses != dense["losses"]  # the experts are in the computation
+    assert moe["resumed"] == moe["continued"]  # a fresh engine from the checkpoint: the same step
+
+
+def test_moe_metrics_are_logged(moe_run):
+    import json
+
+    _, _, root = moe_run
+    records = [json.loads(line) for line in (root / "moe" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    for record in steps:
+        assert record["moe/aux_loss"] > 0 and record["moe/z_loss"] > 0
+        assert record["moe/load_max_over_mean"] >= 1.0
+        assert record["moe/dropped_fraction"] == 0.0  # dropless
+
+
+def moe_layer(moe: MoEConfig, hidden: int = 32):
+    from megatron.core.transformer.spec_utils import build_module
+
+    from pretrain.model.llama import transformer_config
+    from pretrain.model.moe import moe_spec
+
+    cfg = ModelConfig(num_layers=1, hidden_size=hidden, num_attention_heads=2, ffn_hidden_size=64, moe=moe)
+    layer = build_module(moe_spec(cfg), config=transformer_config(cfg), layer_number=1)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    with torch.no_grad():  # a router that sends nearly every token to expert 0
+        layer.router.weight[0] += 0.3
+    return layer
+
+
+def load_after(layer, steps: int, optimizer=None, balance=None) -> list[float]:
+    from pretrain.model.moe import set_aux_loss_scale
+
+    set_aux_loss_scale(1)
+    torch.manual_seed(0)
+    x = torch.randn(64, 4, layer.router.weight.shape[1]) + 0.3
+    loads = []
+    for _ in range(steps):
+        out, _ = layer(x)
+        # No task loss: only the auxiliary loss (injected in backward) moves the router.
+        (out * 0).sum().backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad()
+        tokens = layer.router.tokens_per_expert_seen
+        loads.append(float(tokens.max() / tokens.mean()))
+        balance() if balance else layer.router.take_load()  # each takes (and resets) the counts
+    return loads
+
+
+def test_aux_loss_pulls_a_skewed_router_toward_even_load(single_process_groups):
+    layer = moe_layer(MoEConfig(num_experts=4, top_k=1, normalize_top_k=False, aux_loss_coeff=1.0))
+    loads = load_after(layer, 30, optimizer=torch.optim.SGD(layer.router.parameters(), lr=1.0))
+    assert loads[0] > 3.0  # nearly all on one expert (4.0 is all)
+    assert sum(loads[-10:]) / 10 < 1.6
+
+
+def test_expert_bias_pulls_a_skewed_router_toward_even_load(single_process_groups):
+    from pretrain.training.moe_balance import MoEBalance
+
+    moe = MoEConfig(num_experts=4, top_k=1, normalize_top_k=False, score_function="sigmoid", load_balancing="none",
+                    expert_bias=True, expert_bias_update_rate=0.05)
+    layer = moe_layer(moe)
+    balance = MoEBalance(layer, micro_batches=1)
+    # The bias moves the choice only: no gradient, no optimizer.
+    loads = load_after(layer, 40, balance=balance)
+    assert loads[0] > 3.0
+    assert sum(loads[-10:]) / 10 < 2.0
+    assert layer.router.expert_bias[0] < 0 < layer.router.expert_bias[1:].min()
