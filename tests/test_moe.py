@@ -127,3 +127,20 @@ def test_expert_bias_pulls_a_skewed_router_toward_even_load(single_process_group
     assert loads[0] > 3.0
     assert sum(loads[-10:]) / 10 < 2.0
     assert layer.router.expert_bias[0] < 0 < layer.router.expert_bias[1:].min()
+
+
+def test_moe_and_dense_checkpoints_do_not_resume_as_each_other(moe_run):
+    from pretrain.checkpoint import files
+
+    from parity import layout_config
+
+    _, _, root = moe_run
+    dense, moe = layout_config(root).model, layout_config(root, moe=MOE).model
+    for run, model, message in [
+        ("moe", dense, "written for model.moe.num_experts=4, but the config has model.moe.num_experts=0"),
+        ("dense", moe,
+         "written for model.moe.num_experts=0, but the config has model.moe.num_experts=4"),
+    ]:
+        checkpoint = files.latest_checkpoint(str(root / run))
+        with pytest.raises(files.RunDirError, match=message):
+            files.check_model_shape(checkpoint, files.read_manifest(checkpoint), model)

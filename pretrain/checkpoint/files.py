@@ -42,6 +42,7 @@ LEFTOVER_DIR = re.compile(r"step_\d+(\.partial|\.replaced)?")
 # Model settings a checkpoint's weights are shaped by; a resume must match them.
 SHAPE_KEYS = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
               "ffn_hidden_size", "tie_embeddings", "qk_norm")
+MOE_SHAPE_KEYS = ("num_experts", "expert_ffn_hidden_size", "shared_expert_ffn_hidden_size", "first_dense_layers")
 
 
 class RunDirError(UserError, RuntimeError):
@@ -118,6 +119,12 @@ def check_model_shape(path: Path, manifest: dict, model) -> None:
         if key in saved and saved[key] != getattr(model, key):
             raise RunDirError(f"{path}: written for model.{key}={saved[key]}, but the config has "
                               f"model.{key}={getattr(model, key)}")
+    saved_moe = saved.get("moe") or {}
+    for key in MOE_SHAPE_KEYS:  # a mixture-of-experts checkpoint resumed as dense, or the reverse
+        value, default = getattr(model.moe, key), getattr(type(model.moe)(), key)
+        if saved_moe.get(key, default) != value:
+            raise RunDirError(f"{path}: written for model.moe.{key}={saved_moe.get(key, default)}, but the "
+                              f"config has model.moe.{key}={value}")
 
 
 def check_tokenizer(path: Path, tokenizer) -> None:
