@@ -182,6 +182,9 @@ class Config:
         )
         if self.parallel.context > 1:
             self._check_context_split()
+        require(not (self.model.moe.enabled and self.parallel.tensor > 1 and not self.parallel.sequence_parallel),
+                "model.moe.num_experts > 0 with parallel.tensor > 1: expected parallel.sequence_parallel=true "
+                "(megatron-core's MoE layers take sequence-parallel slices under tensor parallelism)")
         require(not (self.model.moe.enabled and self.parallel.precision == "fp16"),
                 "parallel.precision=fp16 with model.moe.num_experts > 0: expected bf16 or fp32 (the "
                 "routers' auxiliary-loss gradients are injected in backward without the fp16 loss scale)")

@@ -13,7 +13,13 @@ are adapted here rather than patched in place:
   current CUDA device; `DeviceRouter` builds them where its weight lives.
 
 The all-gather dispatcher is chosen over all-to-all: megatron-core's
-all-to-all dispatcher creates a CUDA stream while it is built.
+all-to-all dispatcher creates a CUDA stream while it is built. Under tensor
+parallelism (which megatron-core's MoE runs on sequence-parallel slices) that
+dispatcher gathers tokens with `tensor_parallel`'s all-gather and
+reduce-scatter, which allocate on the current CUDA device; its module's
+references are pointed at `parallel.sequence`'s, which allocate on the
+tensors' own device (as `pretrain.model.llama` points megatron-core's rotary
+hook at ours).
 """
 
 from __future__ import annotations
@@ -28,11 +34,33 @@ from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
+from megatron.core.transformer.moe import token_dispatcher
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from parallel import sequence
 from pretrain.model.config import ModelConfig
 
-_DEVICE_BUFFERS = ("local_tokens_per_expert", "expert_bias", "global_tokens_per_expert", "ga_steps")
+
+
+def _gather_tokens(input_, tensor_parallel_output_grad=True, group=None, output_split_sizes=None,
+                   use_global_buffer=False):
+    """megatron-core's `gather_from_sequence_parallel_region` (even splits) on the input's device."""
+    if output_split_sizes is not None or not tensor_parallel_output_grad:
+        raise NotImplementedError("uneven or copy-gradient gathers: the all-gather dispatcher uses neither")
+    if input_.dtype == torch.bool:  # the routing map; gloo gathers no booleans
+        return sequence.gather_from_sequence_parallel_region(input_.to(torch.uint8), group).bool()
+    return sequence.gather_from_sequence_parallel_region(input_, group)
+
+
+def _reduce_scatter_tokens(input_, group=None, input_split_sizes=None, use_global_buffer=False):
+    """megatron-core's `reduce_scatter_to_sequence_parallel_region` (even splits) on the input's device."""
+    if input_split_sizes is not None:
+        raise NotImplementedError("uneven reduce-scatter: the all-gather dispatcher does not use it")
+    return sequence.reduce_scatter_to_sequence_parallel_region(input_, group)
+
+
+token_dispatcher.gather_from_sequence_parallel_region = _gather_tokens
+token_dispatcher.reduce_scatter_to_sequence_parallel_region = _reduce_scatter_tokens
 
 
 class DeviceRouter(TopKRouter):

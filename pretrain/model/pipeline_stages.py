@@ -54,6 +54,11 @@ class TransformerLayerStage(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, config: TransformerConfig, index: int, seed: int):
         super().__init__()
         self.layer = build_module(model_layer_spec(cfg, index), config=config, layer_number=index + 1)
+        # megatron-core adds its own pipeline offset to the number; DeepSpeed cut the stages,
+        # so the model's index is the number (MoE routers file their losses under it).
+        self.layer.layer_number = index + 1
+        if hasattr(self.layer.mlp, "set_layer_number"):
+            self.layer.mlp.set_layer_number(index + 1)
         named = [(f"decoder.layers.{index}.{n}", p) for n, p in self.layer.named_parameters()]
         initialize_local(named, cfg, seed)
         self.rotary = RotaryTables(cfg.head_dim, cfg.rotary_base, cfg.rope_scaling, cfg.max_seq_len)
