@@ -144,3 +144,14 @@ def test_moe_and_dense_checkpoints_do_not_resume_as_each_other(moe_run):
         checkpoint = files.latest_checkpoint(str(root / run))
         with pytest.raises(files.RunDirError, match=message):
             files.check_model_shape(checkpoint, files.read_manifest(checkpoint), model)
+
+
+def test_planner_counts_every_expert_on_each_rank():
+    from parity import VOCAB, layout_config
+    from pretrain.planning.parameters import stage_params
+
+    from pathlib import Path
+
+    cfg = layout_config(Path("unused"), moe=MOE)
+    model = cfg.model
+    assert stage_params(cfg, VOCAB) == [model.num_params(VOCAB)]

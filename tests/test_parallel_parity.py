@@ -49,6 +49,15 @@ TIED_FOUR_RANKS = {"tp2_pp2_tied": {"tensor": 2, "pipeline": 2, "tie": True}}
 # the end-of-document options, and composed with TP (two query groups shared by the two
 # context ranks of a tensor rank), DP/ZeRO and a pipeline.
 CONTEXT_TWO_RANKS = {"cp2": {"context": 2}, "cp2_eod": {"context": 2, "eod": True}}
+# Mixture-of-experts layers (pretrain/model/moe.py) under each two-rank layout, against the
+# one-process MoE model (`moe_reference`); under TP megatron-core's MoE takes sequence slices.
+MOE = {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64, "shared_expert_ffn_hidden_size": 32,
+       "first_dense_layers": 1, "router_z_loss_coeff": 1e-3}
+MOE_TWO_RANKS = {
+    "moe_dp2_zero1": {"zero": 1, "moe": MOE},
+    "moe_pp2": {"pipeline": 2, "moe": MOE},
+    "moe_tp2_sp": {"tensor": 2, "sequence_parallel": True, "moe": MOE},
+}
 CONTEXT_FOUR_RANKS = {
     "cp2_tp2": {"context": 2, "tensor": 2},
     "cp2_dp2_zero1": {"context": 2, "zero": 1},
@@ -57,7 +66,7 @@ CONTEXT_FOUR_RANKS = {
 
 ROOTS = {}
 LAYOUTS = {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS, **TIED_FOUR_RANKS,
-           **CONTEXT_TWO_RANKS, **CONTEXT_FOUR_RANKS}  # FOUR_RANKS joins below
+           **CONTEXT_TWO_RANKS, **CONTEXT_FOUR_RANKS, **MOE_TWO_RANKS}  # FOUR_RANKS joins below
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +90,7 @@ SINGLE = {
 def two_ranks(tmp_path_factory):
     ROOTS["two"] = root = tmp_path_factory.mktemp("two")
     return run_distributed(train_layouts, 2, str(root),
-                           {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS, **CONTEXT_TWO_RANKS})
+                           {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS, **CONTEXT_TWO_RANKS, **MOE_TWO_RANKS})
 
 
 def assert_close(actual, expected, rtols):
@@ -356,5 +365,20 @@ def test_context_parallel_layout_matches_single_process(reference, eod_reference
     expected = eod_reference if settings.get("eod") else reference["fp32"]
     for result in context_results(two_ranks, four_ranks, layout):
         assert_close(result["losses"], expected["losses"], [FP32_RTOL] * STEPS)
+        assert result["step"] == STEPS
+        assert result["resumed"] == result["continued"]
+
+
+@pytest.fixture(scope="module")
+def moe_reference(single_process_groups, tmp_path_factory):
+    return train_layouts(str(tmp_path_factory.mktemp("single_moe")), {"moe": {"moe": MOE}})["moe"]
+
+
+@pytest.mark.parametrize("layout", MOE_TWO_RANKS)
+@pytest.mark.slow  # the two-rank group (`two_ranks`)
+def test_moe_layout_matches_single_process(moe_reference, reference, two_ranks, layout):
+    assert moe_reference["losses"] != reference["fp32"]["losses"]  # the experts are in the computation
+    for result in (r[layout] for r in two_ranks):
+        assert_close(result["losses"], moe_reference["losses"], [FP32_RTOL] * STEPS)
         assert result["step"] == STEPS
         assert result["resumed"] == result["continued"]

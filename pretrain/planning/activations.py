@@ -201,7 +201,7 @@ def stage_activations(m: ModelConfig, p: ParallelConfig, shape: ActivationShape,
     if p.zero_stage in (1, 2):
         working += REDUCE_BUCKET_SIZE * w
     if p.zero_stage == 3:  # the weights gathered for the layer being computed
-        working += w * (layer_params(m, t) if layers else 0)
+        working += w * (max(layer_params(m, t, i) for i in range(m.num_layers)) if layers else 0)
     reduction = REDUCE_BUCKET_SIZE * w * 2 if p.zero_stage in (1, 2) and p.pipeline > 1 else 0
     return StageActivations(per_layer=layer_bytes(m, p, shape, recompute), layers=layers,
                             ends=ends_bytes(m, p, shape, first, last, chunked), in_flight=in_flight,

@@ -23,10 +23,16 @@ def embedding_params(m: ModelConfig, padded_vocab: int, tensor: int) -> int:
     return padded_vocab // tensor * m.hidden_size
 
 
-def layer_params(m: ModelConfig, tensor: int) -> int:
+def layer_params(m: ModelConfig, tensor: int, index: int = 0) -> int:
+    """Layer `index`'s parameters on one tensor-parallel rank. A mixture-of-experts layer holds
+    every expert, each split over the tensor ranks like the dense MLP, and a replicated router."""
     h, f, kv = m.hidden_size, m.ffn_hidden_size, m.query_groups * m.head_dim
-    sharded = h * (h + 2 * kv) + h * h + 3 * h * f  # qkv, proj, fc1 (gate and up), fc2
-    return sharded // tensor + 2 * h  # the two norms are replicated
+    attention = h * (h + 2 * kv) + h * h  # qkv, proj
+    if not m.is_moe_layer(index):
+        return (attention + 3 * h * f) // tensor + 2 * h  # fc1 (gate and up), fc2; the norms replicated
+    moe = m.moe
+    experts = 3 * h * (m.expert_ffn_hidden_size * moe.num_experts + moe.shared_expert_ffn_hidden_size)
+    return (attention + experts) // tensor + h * moe.num_experts + 2 * h
 
 
 def head_params(m: ModelConfig, padded_vocab: int, tensor: int) -> int:
@@ -40,7 +46,7 @@ def _pipeline_pieces(cfg: Config, padded_vocab: int) -> tuple[list[int], list[in
     m, p = cfg.model, cfg.parallel
     embedding = embedding_params(m, padded_vocab, p.tensor)
     pieces = ([embedding]
-              + [layer_params(m, p.tensor)] * m.num_layers
+              + [layer_params(m, p.tensor, i) for i in range(m.num_layers)]
               + [head_params(m, padded_vocab, p.tensor)])
     if p.pipeline == 1:
         return pieces, [0, len(pieces)]
