@@ -155,3 +155,12 @@ def test_planner_counts_every_expert_on_each_rank():
     cfg = layout_config(Path("unused"), moe=MOE)
     model = cfg.model
     assert stage_params(cfg, VOCAB) == [model.num_params(VOCAB)]
+
+
+def test_moe_tiny_preset_is_tiny_with_experts():
+    from pretrain.hydra_config import compose_config
+
+    tiny, moe_tiny = compose_config(["model=tiny"]).model, compose_config(["model=moe_tiny"]).model
+    assert (moe_tiny.moe.num_experts, moe_tiny.moe.top_k) == (8, 2) and not tiny.moe.enabled
+    # Fewer active parameters per token than tiny, more in all.
+    assert moe_tiny.num_params(4096, active=True) < tiny.num_params(4096) < moe_tiny.num_params(4096)
