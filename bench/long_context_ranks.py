@@ -25,7 +25,6 @@ them) and each runs `rank_main` over every sequence length:
 from __future__ import annotations
 
 import os
-import queue as queue_module
 import statistics
 import sys
 import tempfile
@@ -257,7 +256,7 @@ def run_ranks(plan: list[dict], vocab: int, eod: int) -> list[list[dict]]:
     with a failing rank's traceback and the tail of its log."""
     import torch.multiprocessing as mp
 
-    from bench.plan_cpu_measure import log_tail, one_thread_environ
+    from bench.plan_cpu_measure import collect_ranks, one_thread_environ
     from common.net import free_port
 
     ctx = mp.get_context("spawn")
@@ -271,28 +270,4 @@ def run_ranks(plan: list[dict], vocab: int, eod: int) -> list[list[dict]]:
         with one_thread_environ():
             for proc in procs:
                 proc.start()
-        done: dict[int, list[dict]] = {}
-        error = ""
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(done) < WORLD and not error:
-            try:
-                rank, status, value = results.get(timeout=1.0)
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
-                if dead:
-                    error = f"rank {dead[0]} exited with status {procs[dead[0]].exitcode}:\n{log_tail(logs[dead[0]])}"
-                elif time.monotonic() > deadline:
-                    error = f"no result after {START_TIMEOUT_S:.0f} s:\n{log_tail(logs[0])}"
-                continue
-            if status == "error":
-                error = f"rank {rank}:\n{value}\n--- rank {rank} log ---\n{log_tail(logs[rank])}"
-            else:
-                done[rank] = value
-        for proc in procs:
-            proc.join(timeout=5 if error else 60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
-    if error:
-        raise RuntimeError(error)
-    return [done[rank] for rank in range(WORLD)]
+        return collect_ranks(procs, results, logs, START_TIMEOUT_S)

@@ -262,32 +262,38 @@ def run_ranks(cfg: Config, world_size: int, total_steps: int, warmup: int,
         with one_thread_environ():
             for proc in procs:
                 proc.start()
-        times: dict[int, dict[str, Any]] = {}
-        error = ""
-        deadline = time.monotonic() + timeout
-        while len(times) < world_size and not error:
-            try:
-                rank, status, value = results.get(timeout=1.0)
-            except queue_module.Empty:
-                dead = [r for r, p in enumerate(procs) if r not in times and p.exitcode not in (None, 0)]
-                if dead:
-                    rank = dead[0]
-                    error = f"rank {rank} exited with status {procs[rank].exitcode}:\n{log_tail(logs[rank])}"
-                elif time.monotonic() > deadline:
-                    error = f"no result after {timeout:.0f} s:\n{log_tail(logs[0])}"
-                continue
-            if status == "error":
-                error = f"rank {rank}:\n{value}\n--- rank {rank} log ---\n{log_tail(logs[rank])}"
-            else:
-                times[rank] = value
-        for proc in procs:
-            proc.join(timeout=5 if error else 60)
-            if proc.is_alive():
-                proc.kill()
-                proc.join()
+        return collect_ranks(procs, results, logs, timeout)
+
+
+def collect_ranks(procs: list, results, logs: list[Path], timeout: float) -> list[Any]:
+    """Each started rank's result from `results` ((rank, "ok" | "error", value) entries), in rank
+    order; raises with a failing or silent rank's traceback and the tail of its log."""
+    done: dict[int, Any] = {}
+    error = ""
+    deadline = time.monotonic() + timeout
+    while len(done) < len(procs) and not error:
+        try:
+            rank, status, value = results.get(timeout=1.0)
+        except queue_module.Empty:
+            dead = [r for r, p in enumerate(procs) if r not in done and p.exitcode not in (None, 0)]
+            if dead:
+                rank = dead[0]
+                error = f"rank {rank} exited with status {procs[rank].exitcode}:\n{log_tail(logs[rank])}"
+            elif time.monotonic() > deadline:
+                error = f"no result after {timeout:.0f} s:\n{log_tail(logs[0])}"
+            continue
+        if status == "error":
+            error = f"rank {rank}:\n{value}\n--- rank {rank} log ---\n{log_tail(logs[rank])}"
+        else:
+            done[rank] = value
+    for proc in procs:
+        proc.join(timeout=5 if error else 60)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
     if error:
         raise RuntimeError(error)
-    return [times[rank] for rank in range(world_size)]
+    return [done[rank] for rank in range(len(procs))]
 
 
 def measure(layout: dict, world_size: int, steps: int = 12, warmup: int = 4) -> dict:
