@@ -164,3 +164,19 @@ def test_moe_tiny_preset_is_tiny_with_experts():
     assert (moe_tiny.moe.num_experts, moe_tiny.moe.top_k) == (8, 2) and not tiny.moe.enabled
     # Fewer active parameters per token than tiny, more in all.
     assert moe_tiny.num_params(4096, active=True) < tiny.num_params(4096) < moe_tiny.num_params(4096)
+
+
+@pytest.mark.parametrize("preset,total,active", [
+    ("olmoe_1b_7b", 6.9e9, 1.3e9),
+    ("qwen3_30b_a3b", 30.5e9, 3.3e9),
+    ("deepseek_v3", 671e9, 37e9),
+])
+def test_published_moe_presets_have_their_sizes(preset, total, active):
+    """Total and active parameters near the published ones (Qwen3's narrower heads and
+    DeepSeek-V3's attention without latent compression are said in the presets)."""
+    from pretrain.hydra_config import compose_config
+
+    model = compose_config([f"model={preset}"]).model
+    vocab = model.padded_vocab_size(model.vocab_size)
+    assert model.num_params(vocab) == pytest.approx(total, rel=0.10)
+    assert model.num_params(vocab, active=True) == pytest.approx(active, rel=0.15)
