@@ -6,6 +6,9 @@ balancing the load (auxiliary loss, expert bias) pull a skewed router toward
 an even load.
 """
 
+import dataclasses
+import json
+
 import pytest
 import torch
 
@@ -180,3 +183,55 @@ def test_published_moe_presets_have_their_sizes(preset, total, active):
     vocab = model.padded_vocab_size(model.vocab_size)
     assert model.num_params(vocab) == pytest.approx(total, rel=0.10)
     assert model.num_params(vocab, active=True) == pytest.approx(active, rel=0.15)
+
+
+@pytest.mark.parametrize("qk_norm,moe,architecture", [
+    (False, {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 48}, "MixtralForCausalLM"),
+    (True, {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 48, "first_dense_layers": 1,
+            "normalize_top_k": False}, "Qwen3MoeForCausalLM"),
+])
+def test_moe_exports_as_mixtral_or_qwen3_moe(single_process_groups, tmp_path, qk_norm, moe, architecture):
+    """transformers computes our logits from the export; importing it gives back our weights."""
+    from transformers import AutoModelForCausalLM
+
+    from pretrain.hf.format import config_mismatch, from_hf, to_hf
+    from pretrain.hf.import_weights import read_weights
+    from test_zloss_qknorm import batch, perturb_norms, tiny_cfg, tiny_model, write_hf
+
+    cfg = tiny_cfg(qk_norm=qk_norm, moe=MoEConfig(**moe))
+    model = tiny_model(cfg).eval()
+    with torch.no_grad():  # routers that prefer different experts for different tokens
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.normal_(std=0.5)
+    perturb_norms(model)
+    weights = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    write_hf(tmp_path / "hf", cfg, weights)
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    assert type(theirs).__name__ == architecture
+    tokens, _, _ = batch(3)
+    with torch.no_grad():
+        assert (theirs(tokens).logits - model(tokens)).abs().max().item() < 1e-4
+    back = from_hf(to_hf(weights, cfg), cfg, "file")
+    assert back.keys() == weights.keys() and all(torch.equal(back[k], weights[k]) for k in weights)
+    # trainer.init_from reads the directory back, after checking its config.json against ours.
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config_mismatch(hf, cfg) is None
+    other = dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, top_k=1, normalize_top_k=False))
+    assert config_mismatch(hf, other) == "num_experts_per_tok=2, but model.moe gives 1"
+    imported = read_weights(str(tmp_path / "hf"), cfg)
+    assert all(torch.equal(imported[k], weights[k]) for k in weights)
+
+
+def test_export_refuses_what_no_transformers_family_computes():
+    from pretrain.hf.format import moe_refusal
+
+    def refusal(qk_norm=False, **moe):
+        return moe_refusal(ModelConfig(num_layers=2, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                                       qk_norm=qk_norm, moe=MoEConfig(num_experts=4, **moe)))
+
+    assert refusal() is None and refusal(qk_norm=True, first_dense_layers=1) is None
+    assert "shared expert" in refusal(shared_expert_ffn_hidden_size=32)
+    assert "route by softmax" in refusal(score_function="sigmoid")
+    assert "dropless" in refusal(capacity_factor=1.0)
+    assert "Mixtral has no dense layers" in refusal(first_dense_layers=1)

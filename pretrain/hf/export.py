@@ -139,7 +139,7 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
     Raises CheckpointError / FormatError / TokenizerCopyError / FileExistsError with one-line messages.
     """
     from pretrain.checkpoint.consolidate import CheckpointError, find_checkpoint, load_checkpoint, load_tokenizer
-    from pretrain.hf.format import FormatError
+    from pretrain.hf.format import FormatError, moe_refusal
 
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -151,9 +151,9 @@ def export(source: str | os.PathLike, out_dir: str | os.PathLike, *, force: bool
         raise FileExistsError(f"{out_dir}: exists and is not empty; pass --force to replace it")
     check_complete(find_checkpoint(source))  # a missing or partial checkpoint fails before anything is read
     checkpoint = load_checkpoint(source)
-    if checkpoint.model.moe.enabled:
-        raise FormatError(f"{checkpoint.path}: a mixture-of-experts model (model.moe.num_experts="
-                          f"{checkpoint.model.moe.num_experts}); the export writes dense Llama and Qwen3 only")
+    refusal = moe_refusal(checkpoint.model)
+    if refusal:
+        raise FormatError(f"{checkpoint.path}: {refusal}")
     beside = checkpoint.path / "tokenizer.model"  # checkpoints carry a copy of the run's tokenizer
     in_run_dir = checkpoint.run_dir is not None and (checkpoint.run_dir / "tokenizer.model").is_file()
     tokenizer = None  # no tokenizer anywhere: weights only, said below

@@ -1,5 +1,9 @@
 """The model's weights and config in Hugging Face's Llama format, both ways.
 
+A mixture-of-experts model (`model.moe`) is exported as Mixtral, or as Qwen3-MoE
+with `model.qk_norm` (see `moe_refusal` for the options neither expresses): a
+router `gate` and per-expert SwiGLU projections, in transformers' saved names.
+
 A model with `model.qk_norm` is exported as Hugging Face Qwen3 instead: Qwen3 is
 Llama's layer (pre-norm, SwiGLU, rotate-half RoPE, grouped-query attention, no
 biases) plus an RMSNorm of size head_dim on each head's queries and keys before
@@ -32,8 +36,8 @@ _LAYER_RENAMES = (
     ("input_layernorm.weight", "input_layernorm.weight"),
     ("self_attention.linear_proj.weight", "self_attn.o_proj.weight"),
     ("pre_mlp_layernorm.weight", "post_attention_layernorm.weight"),
-    ("mlp.linear_fc2.weight", "mlp.down_proj.weight"),
 )
+_DENSE_MLP_RENAMES = (("mlp.linear_fc2.weight", "mlp.down_proj.weight"),)
 # With model.qk_norm (Qwen3's names).
 _QK_NORM_RENAMES = (
     ("self_attention.q_layernorm.weight", "self_attn.q_norm.weight"),
@@ -53,11 +57,47 @@ class FormatError(UserError, ValueError):
 
 def architecture(cfg: ModelConfig) -> tuple[str, str]:
     """(Hugging Face architecture, model_type) computing what a model of `cfg` computes."""
+    if cfg.moe.enabled:
+        return ("Qwen3MoeForCausalLM", "qwen3_moe") if cfg.qk_norm else ("MixtralForCausalLM", "mixtral")
     return ("Qwen3ForCausalLM", "qwen3") if cfg.qk_norm else ("LlamaForCausalLM", "llama")
 
 
-def _layer_renames(cfg: ModelConfig) -> tuple[tuple[str, str], ...]:
-    return _LAYER_RENAMES + (_QK_NORM_RENAMES if cfg.qk_norm else ())
+def moe_refusal(cfg: ModelConfig) -> str | None:
+    """Why no transformers family computes this mixture-of-experts model, or None.
+
+    Mixtral and Qwen3-MoE both route by a softmax over every expert's logit, take the
+    top k, and (Mixtral always, Qwen3-MoE with norm_topk_prob) rescale them to sum to
+    one; they route dropless and have no shared expert. Qwen3-MoE keeps the dense MLP
+    in `mlp_only_layers`; Mixtral has none.
+    """
+    moe = cfg.moe
+    if not moe.enabled:
+        return None
+    if moe.shared_expert_ffn_hidden_size:
+        return (f"model.moe.shared_expert_ffn_hidden_size={moe.shared_expert_ffn_hidden_size}: Mixtral and "
+                "Qwen3-MoE have no shared expert (Qwen2-MoE's is gated)")
+    if moe.score_function != "softmax":
+        return f"model.moe.score_function={moe.score_function}: Mixtral and Qwen3-MoE route by softmax"
+    if moe.capacity_factor is not None:
+        return f"model.moe.capacity_factor={moe.capacity_factor}: transformers routes dropless"
+    if not cfg.qk_norm and moe.first_dense_layers:
+        return (f"model.moe.first_dense_layers={moe.first_dense_layers}: Mixtral has no dense layers "
+                "(Qwen3-MoE, with model.qk_norm=true, has)")
+    if not cfg.qk_norm and not moe.normalize_top_k:
+        return "model.moe.normalize_top_k=false: Mixtral always rescales the chosen scores"
+    return None
+
+
+def _moe_names(cfg: ModelConfig) -> tuple[str, str, str, str]:
+    """Hugging Face's (block, gate, up, down) names in a mixture-of-experts layer."""
+    if cfg.qk_norm:
+        return "mlp", "gate_proj", "up_proj", "down_proj"
+    return "block_sparse_moe", "w1", "w3", "w2"
+
+
+def _layer_renames(cfg: ModelConfig, index: int) -> tuple[tuple[str, str], ...]:
+    mlp = () if cfg.is_moe_layer(index) else _DENSE_MLP_RENAMES
+    return _LAYER_RENAMES + mlp + (_QK_NORM_RENAMES if cfg.qk_norm else ())
 
 
 def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int, ...]]:
@@ -74,9 +114,19 @@ def expected_shapes(cfg: ModelConfig, padded_vocab: int) -> dict[str, tuple[int,
             prefix + "self_attention.linear_qkv.weight": (qkv, h),
             prefix + "self_attention.linear_proj.weight": (h, cfg.num_attention_heads * d),
             prefix + "pre_mlp_layernorm.weight": (h,),
-            prefix + "mlp.linear_fc1.weight": (2 * f, h),
-            prefix + "mlp.linear_fc2.weight": (h, f),
         }
+        if cfg.is_moe_layer(i):
+            moe, fe = cfg.moe, cfg.expert_ffn_hidden_size
+            shapes[prefix + "mlp.router.weight"] = (moe.num_experts, h)
+            for e in range(moe.num_experts):
+                expert = prefix + f"mlp.experts.local_experts.{e}."
+                shapes |= {expert + "linear_fc1.weight": (2 * fe, h), expert + "linear_fc2.weight": (h, fe)}
+            if moe.shared_expert_ffn_hidden_size:
+                fs = moe.shared_expert_ffn_hidden_size
+                shapes |= {prefix + "mlp.shared_experts.linear_fc1.weight": (2 * fs, h),
+                           prefix + "mlp.shared_experts.linear_fc2.weight": (h, fs)}
+        else:
+            shapes |= {prefix + "mlp.linear_fc1.weight": (2 * f, h), prefix + "mlp.linear_fc2.weight": (h, f)}
         if cfg.qk_norm:
             shapes |= {prefix + ours: (d,) for ours, _ in _QK_NORM_RENAMES}
     return shapes
@@ -112,7 +162,7 @@ def to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
     q_rows, k_rows, v_rows = _qkv_split(cfg)
     for i in range(cfg.num_layers):
         ours, theirs = LAYER.format(i=i), HF_LAYER.format(i=i)
-        for a, b in _layer_renames(cfg):
+        for a, b in _layer_renames(cfg, i):
             hf[theirs + b] = weights[ours + a]
         qkv = weights[ours + "self_attention.linear_qkv.weight"]
         grouped = qkv.view(cfg.query_groups, q_rows + k_rows + v_rows, cfg.hidden_size)
@@ -120,6 +170,16 @@ def to_hf(weights: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch
         hf[theirs + "self_attn.q_proj.weight"] = q.reshape(-1, cfg.hidden_size)
         hf[theirs + "self_attn.k_proj.weight"] = k.reshape(-1, cfg.hidden_size)
         hf[theirs + "self_attn.v_proj.weight"] = v.reshape(-1, cfg.hidden_size)
+        if cfg.is_moe_layer(i):
+            block, gate_name, up_name, down_name = _moe_names(cfg)
+            hf[theirs + f"{block}.gate.weight"] = weights[ours + "mlp.router.weight"]
+            for e in range(cfg.moe.num_experts):
+                expert = ours + f"mlp.experts.local_experts.{e}."
+                gate, up = weights[expert + "linear_fc1.weight"].chunk(2, dim=0)
+                hf[theirs + f"{block}.experts.{e}.{gate_name}.weight"] = gate
+                hf[theirs + f"{block}.experts.{e}.{up_name}.weight"] = up
+                hf[theirs + f"{block}.experts.{e}.{down_name}.weight"] = weights[expert + "linear_fc2.weight"]
+            continue
         gate, up = weights[ours + "mlp.linear_fc1.weight"].chunk(2, dim=0)
         hf[theirs + "mlp.gate_proj.weight"] = gate
         hf[theirs + "mlp.up_proj.weight"] = up
@@ -144,11 +204,20 @@ def from_hf(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> dict[
                if not (ours == "output_layer.weight" and cfg.tie_embeddings)}
     for i in range(cfg.num_layers):
         ours, theirs = LAYER.format(i=i), HF_LAYER.format(i=i)
-        for a, b in _layer_renames(cfg):
+        for a, b in _layer_renames(cfg, i):
             weights[ours + a] = take(theirs + b)
         q, k, v = (take(theirs + f"self_attn.{p}_proj.weight") for p in "qkv")
         per_group = [t.reshape(cfg.query_groups, -1, t.shape[-1]) for t in (q, k, v)]
         weights[ours + "self_attention.linear_qkv.weight"] = torch.cat(per_group, dim=1).reshape(-1, q.shape[-1])
+        if cfg.is_moe_layer(i):
+            block, gate_name, up_name, down_name = _moe_names(cfg)
+            weights[ours + "mlp.router.weight"] = take(theirs + f"{block}.gate.weight")
+            for e in range(cfg.moe.num_experts):
+                expert, hf_expert = ours + f"mlp.experts.local_experts.{e}.", theirs + f"{block}.experts.{e}."
+                weights[expert + "linear_fc1.weight"] = torch.cat(
+                    (take(hf_expert + f"{gate_name}.weight"), take(hf_expert + f"{up_name}.weight")), dim=0)
+                weights[expert + "linear_fc2.weight"] = take(hf_expert + f"{down_name}.weight")
+            continue
         weights[ours + "mlp.linear_fc1.weight"] = torch.cat(
             (take(theirs + "mlp.gate_proj.weight"), take(theirs + "mlp.up_proj.weight")), dim=0)
     check_weights(weights, cfg, source)
@@ -189,12 +258,28 @@ def hf_config(cfg: ModelConfig, padded_vocab: int, dtype: torch.dtype, special_i
         "torch_dtype": str(dtype).removeprefix("torch."),
         **special_ids,
     }
-    if cfg.qk_norm:
-        # Qwen3 knows no MLP bias or pretraining_tp; its sliding window stays off.
+    if cfg.qk_norm or cfg.moe.enabled:
+        # Qwen3, Qwen3-MoE and Mixtral know no MLP bias or pretraining_tp.
         del config["mlp_bias"], config["pretraining_tp"]
+    if cfg.qk_norm:  # Qwen3's sliding window stays off.
         config |= {"use_sliding_window": False, "sliding_window": None, "max_window_layers": cfg.num_layers,
                    "layer_types": ["full_attention"] * cfg.num_layers}
-    return config
+    return config | moe_fields(cfg)
+
+
+def moe_fields(cfg: ModelConfig) -> dict:
+    """config.json's mixture-of-experts keys: Mixtral's, or Qwen3-MoE's with `model.qk_norm`."""
+    moe = cfg.moe
+    if not moe.enabled:
+        return {}
+    if not cfg.qk_norm:
+        return {"num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+                "intermediate_size": cfg.expert_ffn_hidden_size, "router_aux_loss_coef": moe.aux_loss_coeff,
+                "router_jitter_noise": 0.0, "output_router_logits": False, "sliding_window": None}
+    return {"num_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+            "moe_intermediate_size": cfg.expert_ffn_hidden_size, "norm_topk_prob": moe.normalize_top_k,
+            "decoder_sparse_step": 1, "mlp_only_layers": list(range(moe.first_dense_layers)),
+            "router_aux_loss_coef": moe.aux_loss_coeff, "output_router_logits": False}
 
 
 def rope_parameters(scaling: RopeScaling) -> dict | None:
@@ -290,6 +375,8 @@ def config_mismatch(hf: dict, cfg: ModelConfig) -> str | None:
     if hf.get("use_sliding_window"):
         return "use_sliding_window=true; expected full attention in every layer"
     for theirs, ours in _CONFIG_FIELDS:
+        if theirs == "intermediate_size" and cfg.moe.enabled and not cfg.qk_norm:
+            continue  # Mixtral's is the experts' (in moe_fields)
         value = hf.get(theirs, hf.get("num_attention_heads") if theirs == "num_key_value_heads" else None)
         if value != getattr(cfg, ours):
             return f"{theirs}={value}, but model.{ours.replace('query_groups', 'num_query_groups')}=" \
@@ -302,4 +389,11 @@ def config_mismatch(hf: dict, cfg: ModelConfig) -> str | None:
         return rope
     if hf.get("head_dim") not in (None, cfg.head_dim):
         return f"head_dim={hf['head_dim']}, but the model's head size is {cfg.head_dim}"
+    for key, ours in moe_fields(cfg).items():
+        if key not in _MOE_TRAINING_KEYS and hf.get(key, ours) != ours:
+            return f"{key}={hf.get(key)}, but model.moe gives {ours}"
     return None
+
+
+# config.json keys of training alone (loss coefficients, router noise): an import may differ.
+_MOE_TRAINING_KEYS = ("router_aux_loss_coef", "output_router_logits", "router_jitter_noise", "sliding_window")
