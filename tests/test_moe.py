@@ -235,3 +235,13 @@ def test_export_refuses_what_no_transformers_family_computes():
     assert "route by softmax" in refusal(score_function="sigmoid")
     assert "dropless" in refusal(capacity_factor=1.0)
     assert "Mixtral has no dense layers" in refusal(first_dense_layers=1)
+
+
+def test_export_of_a_shared_expert_checkpoint_is_refused_in_one_line(moe_run, tmp_path):
+    from pretrain.hf.export import export
+    from pretrain.hf.format import FormatError
+
+    _, _, root = moe_run
+    with pytest.raises(FormatError, match="model.moe.shared_expert_ffn_hidden_size=32: Mixtral and Qwen3-MoE"):
+        export(root / "moe", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
