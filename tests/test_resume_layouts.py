@@ -21,6 +21,7 @@ Coverage of {fp32, bf16} x {one process, TP=2, DP=2 with ZeRO-1} by real kills:
     TP=2 fp32, bf16    here, torchrun, one kill each
     DP=2 fp32, bf16    here, torchrun, one kill each
     CP=2 fp32          here, torchrun, one kill
+    MoE fp32           here, one process, one kill (expert biases included)
 
 So the kills go through each of DeepSpeed's optimizer paths: plain fp32 (one
 process, TP=2), its bf16 optimizer (one process, TP=2) and ZeRO-1 in fp32 and
@@ -58,6 +59,9 @@ LAYOUTS = {
                        ("parallel.zero_stage=1", "trainer.micro_batch_size=4", "parallel.precision=bf16")),
     # Context parallelism: both ranks read the same samples and train on halves of them.
     "cp2_fp32": (2, ("after_step",), ("parallel.context=2",)),
+    # Mixture of experts with DeepSeek-V3's expert bias, whose state is a buffer, not a weight.
+    "moe_single": (1, ("after_step",), ("model.moe.num_experts=4", "model.moe.expert_ffn_hidden_size=32",
+                                        "model.moe.score_function=sigmoid", "model.moe.expert_bias=true")),
 }
 
 
