@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(PY) -m bench.checkpoint_io
 	$(PY) -m bench.plan_cpu
 	$(PY) -m bench.plan_published
+	$(PY) -m bench.moe
 
 clean:
 	rm -rf runs .cache .pytest_cache

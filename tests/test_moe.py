@@ -245,3 +245,33 @@ def test_export_of_a_shared_expert_checkpoint_is_refused_in_one_line(moe_run, tm
     with pytest.raises(FormatError, match="model.moe.shared_expert_ffn_hidden_size=32: Mixtral and Qwen3-MoE"):
         export(root / "moe", tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("moe", [
+    {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 48, "shared_expert_ffn_hidden_size": 32,
+     "first_dense_layers": 1},
+    {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 48, "normalize_top_k": False},
+    {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 48, "score_function": "sigmoid", "expert_bias": True},
+], ids=["softmax_shared", "softmax_unnormalised", "sigmoid_expert_bias"])
+def test_generation_decoder_reproduces_the_moe_model(single_process_groups, moe):
+    """`pretrain-generate`'s plain-torch decoder routes as megatron-core's MoE layer does."""
+    from pretrain.model.decode import Decoder
+    from test_zloss_qknorm import tiny_cfg, tiny_model
+
+    cfg = tiny_cfg(moe=MoEConfig(**moe))
+    model = tiny_model(cfg).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("router.weight"):
+                param.normal_(std=0.5)
+        for name, buffer in model.named_buffers():
+            if name.endswith("expert_bias"):
+                buffer.copy_(torch.tensor([0.3, -0.2, 0.1, -0.4]))
+    tokens = torch.randint(0, 200, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens)
+    decoder = Decoder(cfg, model.state_dict())
+    torch.testing.assert_close(decoder(tokens), expected, rtol=0, atol=1e-5)
+    cache = decoder.new_cache(2, 24)
+    pieces = [decoder(tokens[:, :9], cache)] + [decoder(tokens[:, i:i + 1], cache) for i in range(9, 24)]
+    torch.testing.assert_close(torch.cat(pieces, dim=1), expected, rtol=0, atol=1e-5)

@@ -54,11 +54,23 @@ class Decoder:
                     ("qkv", "self_attention.linear_qkv.weight"),
                     ("proj", "self_attention.linear_proj.weight"),
                     ("mlp_norm", "pre_mlp_layernorm.weight"),
-                    ("fc1", "mlp.linear_fc1.weight"),
-                    ("fc2", "mlp.linear_fc2.weight"),
                 ) + ((("q_norm", "self_attention.q_layernorm.weight"),
                       ("k_norm", "self_attention.k_layernorm.weight")) if cfg.qk_norm else ())
             })
+            if not cfg.is_moe_layer(i):
+                self.layers[-1] |= {"fc1": weight(prefix + "mlp.linear_fc1.weight"),
+                                    "fc2": weight(prefix + "mlp.linear_fc2.weight")}
+                continue
+            moe = cfg.moe
+            experts = [(weight(prefix + f"mlp.experts.local_experts.{e}.linear_fc1.weight"),
+                        weight(prefix + f"mlp.experts.local_experts.{e}.linear_fc2.weight"))
+                       for e in range(moe.num_experts)]
+            shared = (weight(prefix + "mlp.shared_experts.linear_fc1.weight"),
+                      weight(prefix + "mlp.shared_experts.linear_fc2.weight")) \
+                if moe.shared_expert_ffn_hidden_size else None
+            bias = state_dict.get(prefix + "mlp.router.expert_bias")
+            self.layers[-1] |= {"router": weight(prefix + "mlp.router.weight"), "experts": experts,
+                                "shared": shared, "expert_bias": None if bias is None else bias.to(self.device)}
         self._rotary = torch.empty(0, 2 * cfg.head_dim, device=self.device)
 
     @property
@@ -129,11 +141,44 @@ class Decoder:
             )
             x = x + attn.transpose(1, 2).reshape(batch, seq, heads * d) @ w["proj"].T
             y = F.rms_norm(x, w["mlp_norm"].shape, w["mlp_norm"], cfg.norm_eps)
-            gate, up = (y @ w["fc1"].T).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ w["fc2"].T
+            x = x + (self._experts(y, w) if "router" in w else _swiglu(y, w["fc1"], w["fc2"]))
         if cache is not None:
             cache.length = start + seq
         x = F.rms_norm(x, self.final_norm.shape, self.final_norm, cfg.norm_eps)
         return x @ self.output.T
 
     __call__ = forward
+
+    def _experts(self, y: torch.Tensor, w: dict) -> torch.Tensor:
+        """A mixture-of-experts layer as megatron-core's router computes it: top-k of softmax
+        (over the chosen k when renormalised) or sigmoid scores (the expert bias steering the
+        choice only), every token through its k experts and the shared one. Dropless: a
+        capacity factor, a training-time limit, does not apply to generation."""
+        moe = self.cfg.moe
+        logits = (y @ w["router"].T).float()
+        if moe.score_function == "softmax":
+            if moe.normalize_top_k:
+                top, chosen = logits.topk(moe.top_k, dim=-1)
+                probs = top.softmax(dim=-1)
+            else:
+                probs, chosen = logits.softmax(dim=-1).topk(moe.top_k, dim=-1)
+        else:
+            scores = logits.sigmoid()
+            steer = scores if w["expert_bias"] is None else scores + w["expert_bias"]
+            chosen = steer.topk(moe.top_k, dim=-1).indices
+            probs = scores.gather(-1, chosen)
+            if moe.top_k > 1:
+                probs = probs / (probs.sum(dim=-1, keepdim=True) + 1e-20)
+        out = torch.zeros_like(y)
+        for e, (fc1, fc2) in enumerate(w["experts"]):
+            weight = (probs * (chosen == e)).sum(dim=-1, keepdim=True).to(y.dtype)  # 0 where not chosen
+            if weight.any():
+                out = out + weight * _swiglu(y, fc1, fc2)
+        if w["shared"] is not None:
+            out = out + _swiglu(y, *w["shared"])
+        return out
+
+
+def _swiglu(y: torch.Tensor, fc1: torch.Tensor, fc2: torch.Tensor) -> torch.Tensor:
+    gate, up = (y @ fc1.T).chunk(2, dim=-1)
+    return (F.silu(gate) * up) @ fc2.T
