@@ -9,8 +9,8 @@ are adapted here rather than patched in place:
 - `Router.gating` moves a CPU weight to `torch.cuda.current_device()` and goes
   through Transformer Engine's GEMM when it is installed; `DeviceRouter.gating`
   is the same linear map in the router's dtype, on the weight's own device.
-- `TopKRouter.__init__` creates the expert-bias and global-load buffers on the
-  current CUDA device; `DeviceRouter` builds them where its weight lives.
+- `TopKRouter.__init__` creates the expert-bias buffers on the current CUDA
+  device; `DeviceRouter` builds them where its weight lives.
 
 The all-gather dispatcher is chosen over all-to-all: megatron-core's
 all-to-all dispatcher creates a CUDA stream while it is built. Under tensor
@@ -29,17 +29,16 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.moe import token_dispatcher
 from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
-from megatron.core.transformer.moe import token_dispatcher
 from megatron.core.transformer.spec_utils import ModuleSpec
 
 from parallel import sequence
 from pretrain.model.config import ModelConfig
-
 
 
 def _gather_tokens(input_, tensor_parallel_output_grad=True, group=None, output_split_sizes=None,
