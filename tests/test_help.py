@@ -89,7 +89,10 @@ def test_hydra_apps_say_what_they_do(monkeypatch, capsys):
     assert status == 0
     assert text.startswith("pretrain: pretrain a Llama-style language model")
     assert "\nUsage: pretrain " in text and "\nExamples:\n  pretrain " in text
-    assert "model: gpt2_124m, llama_1b, llama_70b, llama_8b, tiny" in text  # the config groups
+    # The config groups and their options.
+    assert "model: deepseek_v3, gpt2_124m, llama_1b, llama_70b, llama_8b, moe_tiny, olmoe_1b_7b, " \
+           "qwen3_30b_a3b, tiny" in text
+    assert "experiment: long_context" in text
     assert "Chosen: model=tiny " in text
     for key in ("trainer.run_dir", "trainer.resume", "trainer.verbose", "data.sources", "parallel.tensor",
                 "parallel.zero_stage", "optim.lr", "logger="):
