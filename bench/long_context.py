@@ -31,8 +31,6 @@ at least 16k tokens per rank up to 8k (8 steps at 2k).
 from __future__ import annotations
 
 import argparse
-import os
-import resource
 import statistics
 import time
 from pathlib import Path
@@ -40,6 +38,7 @@ from pathlib import Path
 import torch
 
 from bench.long_context_ranks import WORLD
+from bench.plan_cpu_measure import OtherWork
 from parallel.memory import PeakTrace, format_bytes
 from pretrain.model.config import ModelConfig
 from pretrain.model.document_attention import dense_document_mask
@@ -201,31 +200,6 @@ def context_parallel(args) -> None:
         + f" + {ranks[0][k]['exchange']['wall_s']:.0f}" for k, entry in enumerate(plan))
     print(f"two processes: {time.perf_counter() - started:.0f} s (rank 0's seconds building and training CP=1, "
           f"CP=2, then exchanging: {spent})", flush=True)
-
-
-class OtherWork:
-    """The cores other work on the machine kept busy while it was open: the machine's busy CPU
-    seconds (/proc/stat, hypervisor steal included) less this process's and its children's,
-    per wall second; and the load average at its start and end."""
-
-    def __enter__(self):
-        from bench.plan_cpu_measure import machine_busy_seconds
-
-        self.start = (time.perf_counter(), machine_busy_seconds(), self._ours(), os.getloadavg()[0])
-        return self
-
-    @staticmethod
-    def _ours() -> float:
-        return sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
-
-    def __exit__(self, *exc) -> None:
-        from bench.plan_cpu_measure import machine_busy_seconds
-
-        wall, busy, ours, load = self.start
-        wall = time.perf_counter() - wall
-        foreign = (machine_busy_seconds() - busy - (self._ours() - ours)) / wall
-        print(f"other work on the machine meanwhile: {foreign:.2f} cores; load average {load:.1f} at the start, "
-              f"{os.getloadavg()[0]:.1f} at the end; {wall:.0f} s", flush=True)
 
 
 def main() -> None:

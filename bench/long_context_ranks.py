@@ -24,9 +24,7 @@ them) and each runs `rank_main` over every sequence length:
 
 from __future__ import annotations
 
-import os
 import statistics
-import sys
 import tempfile
 import time
 import traceback
@@ -231,16 +229,9 @@ def rank_main(plan: list[dict], vocab: int, eod: int, run_root: str) -> list[dic
 
 
 def _rank_process(rank: int, port: int, results, log_path: str, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    log = open(log_path, "w", buffering=1)
-    os.dup2(log.fileno(), 1)
-    os.dup2(log.fileno(), 2)
-    sys.stdout = sys.stderr = log
-    import warnings
+    from bench.plan_cpu_measure import spawned_rank
 
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)  # the two ranks share this machine's cores
+    spawned_rank(rank, WORLD, port, log_path)
     try:
         results.put((rank, "ok", rank_main(*args)))
     except BaseException:

@@ -41,6 +41,8 @@ import time
 import numpy as np
 import torch
 
+from bench.plan_cpu_measure import OtherWork
+
 VOCAB = 4096
 SEQ = 256
 MICRO_BATCH = 8
@@ -144,25 +146,6 @@ def instrument(model) -> tuple[Timers, int]:
             timers.wrap(layer.shared_experts, "forward", "shared expert")
     timers.wrap(model, "forward", "forward")
     return timers, len(layers)
-
-
-class OtherWork:
-    """Cores other work kept busy while open (the machine's busy CPU seconds less this process's)."""
-
-    def __enter__(self):
-        from bench.plan_cpu_measure import machine_busy_seconds
-
-        self.start = (time.perf_counter(), machine_busy_seconds(), time.process_time(), os.getloadavg()[0])
-        return self
-
-    def __exit__(self, *exc) -> None:
-        from bench.plan_cpu_measure import machine_busy_seconds
-
-        wall, busy, ours, load = self.start
-        wall = time.perf_counter() - wall
-        foreign = (machine_busy_seconds() - busy - (time.process_time() - ours)) / wall
-        print(f"other work on the machine meanwhile: {foreign:.2f} cores; load average {load:.1f} at the start, "
-              f"{os.getloadavg()[0]:.1f} at the end; {wall:.0f} s", flush=True)
 
 
 def main() -> None:

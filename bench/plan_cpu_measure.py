@@ -41,6 +41,7 @@ import argparse
 import json
 import os
 import queue as queue_module
+import resource
 import statistics
 import sys
 import tempfile
@@ -170,6 +171,27 @@ class StepTimes:
         return {"wall_s": wall, "cpu_s": cpu, "machine_busy_s": busy}
 
 
+class OtherWork:
+    """The cores other work on the machine kept busy while it was open: the machine's busy CPU
+    seconds (/proc/stat, hypervisor steal included) less this process's and its children's,
+    per wall second; and the load average at its start and end."""
+
+    def __enter__(self):
+        self.start = (time.perf_counter(), machine_busy_seconds(), self._ours(), os.getloadavg()[0])
+        return self
+
+    @staticmethod
+    def _ours() -> float:
+        return sum(sum(resource.getrusage(who)[:2]) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+    def __exit__(self, *exc) -> None:
+        wall, busy, ours, load = self.start
+        wall = time.perf_counter() - wall
+        foreign = (machine_busy_seconds() - busy - (self._ours() - ours)) / wall
+        print(f"other work on the machine meanwhile: {foreign:.2f} cores; load average {load:.1f} at the start, "
+              f"{os.getloadavg()[0]:.1f} at the end; {wall:.0f} s", flush=True)
+
+
 def train_rank(cfg: Config, total_steps: int, warmup: int) -> dict[str, Any]:
     """This rank's step times over `total_steps` steps of `cfg` (process group started here),
     and its clocks over the steps after `warmup` (`StepTimes.window`)."""
@@ -194,9 +216,9 @@ def train_rank(cfg: Config, total_steps: int, warmup: int) -> dict[str, Any]:
     return {"times": recorder.times, **recorder.window(warmup)}
 
 
-def _rank_main(cfg: Config, rank: int, world_size: int, port: int, results, log_path: str, total_steps: int,
-               warmup: int) -> None:
-    """One spawned rank: env:// variables, one thread, library output to `log_path`."""
+def spawned_rank(rank: int, world_size: int, port: int, log_path: str) -> None:
+    """Makes this spawned process rank `rank` of a local env:// group on `port`, with one
+    thread (the ranks share this machine's cores) and its output in `log_path`."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     log = open(log_path, "w", buffering=1)
@@ -208,7 +230,13 @@ def _rank_main(cfg: Config, rank: int, world_size: int, port: int, results, log_
     warnings.filterwarnings("ignore")
     import torch
 
-    torch.set_num_threads(1)  # the ranks share this machine's cores
+    torch.set_num_threads(1)
+
+
+def _rank_main(cfg: Config, rank: int, world_size: int, port: int, results, log_path: str, total_steps: int,
+               warmup: int) -> None:
+    """One spawned rank: env:// variables, one thread, library output to `log_path`."""
+    spawned_rank(rank, world_size, port, log_path)
     try:
         results.put((rank, "ok", train_rank(cfg, total_steps, warmup)))
     except BaseException:
