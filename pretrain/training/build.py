@@ -98,8 +98,9 @@ def build_trainer(cfg: Config, topology: Topology, data: TrainingData, triggers:
 
     after_update = None
     if cfg.model.moe.enabled:
-        set_aux_loss_scale(engine.deepspeed.gradient_accumulation_steps())
-        after_update = MoEBalance(engine.module, engine.deepspeed.gradient_accumulation_steps())
+        micro_batches = engine.deepspeed.gradient_accumulation_steps()
+        set_aux_loss_scale(micro_batches)
+        after_update = MoEBalance(engine.module, micro_batches)
 
     trainer: Trainer  # the checkpointer and the fault hook report through it once it exists
     p = cfg.parallel

@@ -9,7 +9,7 @@ Metrics, per step (this rank's tokens; means over the MoE layers):
 - `moe/aux_loss`, `moe/z_loss`: the routers' auxiliary losses, unscaled by
   their coefficients, as megatron-core's tracker records them;
 - `moe/load_max_over_mean`: the busiest expert's tokens over the mean (1.0
-  is a perfect balance; top_k x experts / top_k ... means all on one);
+  is a perfect balance; the number of experts means all on one);
 - `moe/dropped_fraction`: routed token slots an expert's capacity turned away
   (0 when routing is dropless).
 """
