@@ -180,15 +180,21 @@ def test_wandb_offline_run_holds_config_history_and_checkpoints(run):
 
 @pytest.mark.slow  # W&B starts its wandb-core service process
 def test_wandb_resume_continues_the_same_run_and_disabled_writes_nothing(tmp_path):
+    import wandb
+
     for _ in range(2):  # a run, then its resumption
         sink = WandbSink(str(tmp_path), "pretrain", None, "offline", {"seed": 1})
         assert not (tmp_path / "wandb").exists() or _ == 1  # nothing is written before the first record
         sink.log({"step": 1, "loss": 2.5})
         sink.on_train_end(None)
+    # `finish` returns once the run is closed, but the service process may still be
+    # writing its file; shutting the service down waits for every file to be written.
+    wandb.teardown()
     files = wandb_run_files(tmp_path)
     assert len(files) == 2
     run_id = (tmp_path / "wandb_run_id").read_text()
-    assert all([r.run.run_id for r in wandb_records(f) if r.HasField("run")] == [run_id] for f in files)
+    run_ids = {f.parent.name: [r.run.run_id for r in wandb_records(f) if r.HasField("run")] for f in files}
+    assert all(ids == [run_id] for ids in run_ids.values()), (run_id, run_ids)
 
     disabled = tmp_path / "disabled"
     sink = WandbSink(str(disabled), "pretrain", None, "disabled", {})
