@@ -104,14 +104,13 @@ class StepRecorder:
 def train_layout(cfg, warmup: int, steps: int, vocab: int, eod: int, run_dir: str) -> dict[str, Any]:
     """This rank's peak bytes of the step after `warmup` and the times of `steps` steps after it."""
     from data_pipeline.training_data import TrainingData
-    from parallel.groups import init_process_groups
+    from parallel.groups import init_layout_groups
     from pretrain.training.build import build_trainer
 
     began = time.perf_counter()
     cfg.trainer.run_dir = run_dir
     cfg.trainer.train_steps = warmup + 1 + steps
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"),
-                                   cfg.parallel.context)
+    topology = init_layout_groups(cfg.parallel, torch.device("cpu"))
     cfg.validate_world(topology.world_size)
     data = PackedDocuments(cfg.data.seq_len, vocab, eod)
     recorder = StepRecorder(warmup)

@@ -199,12 +199,12 @@ def train_rank(cfg: Config, total_steps: int, warmup: int) -> dict[str, Any]:
 
     from data_pipeline.training_data import TrainingData
     from parallel.engine import check_precision_supported
-    from parallel.groups import init_process_groups, resolve_device
+    from parallel.groups import init_layout_groups, resolve_device
     from pretrain.training.build import build_trainer
 
     device = resolve_device(cfg.trainer.device)
     check_precision_supported(cfg.parallel.precision, device, cfg.parallel.zero_stage)
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device, cfg.parallel.context)
+    topology = init_layout_groups(cfg.parallel, device)
     cfg.validate_world(topology.world_size)
     cfg.trainer.train_steps = total_steps
     tokens = SyntheticTokens(cfg.data.seq_len)

@@ -29,7 +29,7 @@ def compose(overrides: list[str]) -> Config:
 def build_trainer(cfg: Config, run_dir: str):
     """A one-process `Trainer` writing into `run_dir`, set up for chunked `run_steps`."""
     from data_pipeline.training_data import load_training_data
-    from parallel.groups import init_process_groups
+    from parallel.groups import init_layout_groups
     from pretrain.training.build import build_trainer
     from pretrain.training.callbacks import Checkpointing, ConsoleProgress
     from pretrain.training.memory_report import MemoryReport
@@ -37,7 +37,7 @@ def build_trainer(cfg: Config, run_dir: str):
 
     cfg.trainer.run_dir = run_dir
     t = cfg.trainer
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
+    topology = init_layout_groups(cfg.parallel, torch.device("cpu"))
     triggers = SaveTriggers(t.checkpoint_interval, t.checkpoint_minutes, topology.device)
     callbacks = [ConsoleProgress(t.log_interval),
                  Checkpointing(triggers, save_at_end=False),  # no save each time a chunk ends

@@ -14,6 +14,9 @@ class ParallelConfig:
     pipeline: int = 1
     # Context parallelism: every sequence split over this many ranks (parallel.context).
     context: int = 1
+    # Expert parallelism: each MoE layer's experts split over this many ranks of the
+    # data-parallel group (parallel.expert; `parallel/expert.py`).
+    expert: int = 1
     zero_stage: int = 0
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     sequence_parallel: bool = False
@@ -41,6 +44,14 @@ class ParallelConfig:
                 "(DeepSpeed offloads ZeRO's optimizer partitions)")
         require(self.pipeline >= 1, f"parallel.pipeline={self.pipeline}: expected >= 1")
         require(self.context >= 1, f"parallel.context={self.context}: expected >= 1")
+        require(self.expert >= 1, f"parallel.expert={self.expert}: expected >= 1")
+        # Each expert-parallel rank's experts live only there: ZeRO's per-rank optimizer files
+        # are what keep their fp32 weights and Adam moments in a checkpoint, and ZeRO-3
+        # does not partition DeepSpeed's expert parameter groups.
+        require(self.expert == 1 or self.zero_stage in (1, 2),
+                f"parallel.zero_stage={self.zero_stage} with parallel.expert={self.expert}: expected "
+                "parallel.zero_stage 1 or 2 (each rank's experts are checkpointed by ZeRO's per-rank "
+                "optimizer states; ZeRO-3 does not partition expert parameter groups)")
         require(self.zero_stage in (0, 1, 2, 3),
                 f"parallel.zero_stage={self.zero_stage}: expected 0, 1, 2 or 3")
         require(not (self.pipeline > 1 and self.zero_stage > 1),

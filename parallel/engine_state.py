@@ -53,9 +53,12 @@ def canonical_name(local: str, pipelined: bool, num_layers: int) -> str:
 
 def canonical_parameters(module: torch.nn.Module, num_layers: int) -> list[tuple[str, torch.nn.Parameter]]:
     from deepspeed.pipe import PipelineModule
+    from megatron.core import parallel_state
 
     pipelined = isinstance(module, PipelineModule)
-    return [(canonical_name(n, pipelined, num_layers), p) for n, p in module.named_parameters()]
+    named = [(canonical_name(n, pipelined, num_layers), p) for n, p in module.named_parameters()]
+    offset = sharding.expert_offset([n for n, _ in named], parallel_state.get_expert_model_parallel_rank())
+    return [(sharding.global_expert_name(n, offset), p) for n, p in named]
 
 
 def local_piece(name: str, full: torch.Tensor, current: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from datetime import timedelta
 
 import torch
@@ -17,6 +18,9 @@ from megatron.core import parallel_state
 
 from common.net import free_port
 from parallel.cluster_env import detect as detect_cluster
+
+if TYPE_CHECKING:
+    from parallel.config import ParallelConfig
 
 
 @dataclass(frozen=True)
@@ -29,6 +33,7 @@ class Topology:
     data: int  # replicas that read different samples: world / (tensor x pipeline x context)
     device: torch.device
     context: int = 1  # ranks that split each sequence (they read the same samples)
+    expert: int = 1  # ranks that split each MoE layer's experts (taken from data x context)
 
     @property
     def tp_rank(self) -> int:
@@ -62,8 +67,14 @@ def resolve_device(requested: str) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_groups(tensor: int, pipeline: int, device: torch.device, context: int = 1) -> Topology:
-    """Starts torch.distributed (if needed) and megatron-core's TP/CP/DP/PP groups.
+def init_layout_groups(parallel: "ParallelConfig", device: torch.device) -> Topology:
+    """`init_process_groups` for the `parallel` section of a config."""
+    return init_process_groups(parallel.tensor, parallel.pipeline, device, parallel.context, parallel.expert)
+
+
+def init_process_groups(tensor: int, pipeline: int, device: torch.device, context: int = 1,
+                        expert: int = 1) -> Topology:
+    """Starts torch.distributed (if needed) and megatron-core's TP/CP/DP/PP/EP groups.
 
     Rank order is megatron-core's default: tensor fastest, then context, then
     data, then pipeline. DeepSpeed's pipeline topology (tensor, data, pipeline)
@@ -92,6 +103,7 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device, contex
         parallel_state.get_tensor_model_parallel_world_size() != tensor
         or parallel_state.get_pipeline_model_parallel_world_size() != pipeline
         or parallel_state.get_context_parallel_world_size() != context
+        or parallel_state.get_expert_model_parallel_world_size() != expert
     ):
         parallel_state.destroy_model_parallel()  # a new layout in the same world
     if not parallel_state.model_parallel_is_initialized():
@@ -99,6 +111,7 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device, contex
             tensor_model_parallel_size=tensor,
             pipeline_model_parallel_size=pipeline,
             context_parallel_size=context,
+            expert_model_parallel_size=expert,
             create_gloo_process_groups=device.type == "cuda",
         )
     return Topology(
@@ -110,6 +123,7 @@ def init_process_groups(tensor: int, pipeline: int, device: torch.device, contex
         data=world_size // (tensor * pipeline * context),
         device=device,
         context=context,
+        expert=expert,
     )
 
 

@@ -12,9 +12,11 @@ order matters:
 2. Sequence parallelism's gradient reduction is hooked onto the weights that
    each tensor-parallel rank sees only a slice of the sequence for.
 3. The optimizer is made over the model's parameters, before DeepSpeed
-   flattens or partitions them.
+   flattens or partitions them; under expert parallelism the expert weights
+   are named to DeepSpeed first, so they get parameter groups of their own.
 4. DeepSpeed wraps model and optimizer: data parallelism, ZeRO partitioning,
-   mixed precision, and the pipeline engine for a pipeline model.
+   mixed precision, the pipeline engine for a pipeline model, and the
+   expert-data-parallel reduction of expert gradients (`parallel.expert`).
 5. torch.compile comes last, on the engine's module in place, so it traces
    the module as DeepSpeed runs it (ZeRO-3's parameter hooks included).
 """
@@ -31,6 +33,7 @@ from parallel.compile import compile_model
 from parallel.config import ParallelConfig
 from parallel.context import ContextSplit, distribute_attention
 from parallel.engine import Engine, EngineOptions, build_engine, clips_in_loop
+from parallel.expert import mark_expert_parameters, settle_engine, with_expert_groups
 from parallel.tensor import reduce_sequence_parallel_grads
 
 
@@ -48,8 +51,13 @@ def parallelize(model: torch.nn.Module, parallel: ParallelConfig, *, options: En
     apply_activation_checkpointing(model, parallel.activation_checkpointing, recomputed or {})
     if parallel.sequence_parallel:
         reduce_sequence_parallel_grads(model)
+    if parallel.expert > 1:
+        mark_expert_parameters(model, parallel.expert)
     optimizer = make_optimizer(model)
-    deepspeed_engine = build_engine(model, optimizer, scheduler_factory, parallel, options, data_parallel)
+    with with_expert_groups(model, parallel.expert):
+        deepspeed_engine = build_engine(model, optimizer, scheduler_factory, parallel, options, data_parallel)
+    if parallel.expert > 1:
+        settle_engine(deepspeed_engine)
     compile_model(deepspeed_engine.module, compile_mode, layer_types)
     return Engine(deepspeed_engine, device, loop_clip=options.grad_clip if clips_in_loop(parallel) else 0.0,
                   context=ContextSplit.of_this_rank())

@@ -24,6 +24,22 @@ _GATED = ("mlp.linear_fc1.weight", "shared_experts.linear_fc1.weight")
 # Each expert of a mixture-of-experts layer is a SwiGLU MLP split the same way
 # (`mlp.experts.local_experts.<e>.linear_fc1.weight`); its router is replicated.
 _EXPERT = re.compile(r"\.experts\.local_experts\.\d+\.linear_fc([12])\.weight$")
+_LOCAL_EXPERT = re.compile(r"\.experts\.local_experts\.(\d+)\.")
+
+
+def expert_offset(names, expert_rank: int) -> int:
+    """Under expert parallelism (`parallel.expert`) each rank builds experts 0..L-1 of every
+    MoE layer, which are the layer's experts expert_rank x L to expert_rank x L + L - 1: the
+    number to add to the local index in `names` (a MoE layer's parameter names, or more)."""
+    local = {int(m.group(1)) for name in names if (m := _LOCAL_EXPERT.search(name))}
+    return expert_rank * len(local)
+
+
+def global_expert_name(name: str, offset: int) -> str:
+    """The one-process name of a parameter whose expert index is local (`expert_offset`)."""
+    if not offset:
+        return name
+    return _LOCAL_EXPERT.sub(lambda m: f".experts.local_experts.{int(m.group(1)) + offset}.", name)
 
 
 def split_rule(name: str) -> str:

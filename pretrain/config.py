@@ -188,9 +188,19 @@ class Config:
         require(not (self.model.moe.enabled and self.parallel.precision == "fp16"),
                 "parallel.precision=fp16 with model.moe.num_experts > 0: expected bf16 or fp32 (the "
                 "routers' auxiliary-loss gradients are injected in backward without the fp16 loss scale)")
+        if self.parallel.expert > 1:
+            self._check_expert_split()
         require(not (self.trainer.compile == "model" and self.parallel.pipeline > 1),
                 "trainer.compile=model with parallel.pipeline > 1: expected trainer.compile=layers "
                 "(pipeline stages are separate modules)")
+
+    def _check_expert_split(self) -> None:
+        """Expert parallelism gives each rank num_experts / parallel.expert whole experts."""
+        moe, expert = self.model.moe, self.parallel.expert
+        require(moe.enabled, f"parallel.expert={expert}: expected model.moe.num_experts > 0 (a dense model "
+                             "has no experts to split)")
+        require(moe.num_experts % expert == 0,
+                f"model.moe.num_experts={moe.num_experts}: expected a multiple of parallel.expert={expert}")
 
     def _check_context_split(self) -> None:
         """Context parallelism cuts each sequence into equal slices and exchanges attention
@@ -221,6 +231,10 @@ class Config:
         require(m.num_layers >= p.pipeline,
                 f"model.num_layers={m.num_layers}: expected at least parallel.pipeline={p.pipeline}")
         data_parallel = world_size // model_parallel
+        # Expert-parallel ranks are taken from the ranks that hold the same dense weights.
+        require(data_parallel * p.context % p.expert == 0,
+                f"parallel.expert={p.expert}: expected a divisor of the data-parallel x context-parallel "
+                f"size {data_parallel * p.context} (world size {world_size})")
         per_step = t.micro_batch_size * data_parallel
         require(t.global_batch_size % per_step == 0,
                 f"trainer.global_batch_size={t.global_batch_size}: expected a multiple of "

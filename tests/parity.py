@@ -54,12 +54,13 @@ class DocumentTokens(PatternTokens):
 
 def layout_config(run_dir: Path, tensor=1, pipeline=1, context=1, zero=0, precision="fp32",
                   sequence_parallel=False, tie=False, offload=False, checkpointing="none",
-                  eod=False, moe=None) -> Config:
+                  eod=False, moe=None, expert=1) -> Config:
     return from_dict(Config, {
         "model": {"num_layers": 4, "hidden_size": 64, "num_attention_heads": 4, "num_query_groups": 2,
                   "ffn_hidden_size": 128, "max_seq_len": SEQ, "tie_embeddings": tie, "moe": moe or {}},
         "data": {"seq_len": SEQ, "eod_mask_loss": eod, "reset_position_ids": eod, "reset_attention_mask": eod},
-        "parallel": {"tensor": tensor, "pipeline": pipeline, "context": context, "zero_stage": zero,
+        "parallel": {"tensor": tensor, "pipeline": pipeline, "context": context, "expert": expert,
+                     "zero_stage": zero,
                      "precision": precision,
                      "sequence_parallel": sequence_parallel, "offload_optimizer": offload,
                      "activation_checkpointing": checkpointing},
@@ -118,11 +119,11 @@ def layout_trainer(run_dir: str, **layout):
 def trainer_for(cfg: Config):
     """A `Trainer` of `cfg` on this world's process groups, reading the parity tokens
     (cut into documents when `cfg` uses the end-of-document options)."""
-    from parallel.groups import init_process_groups
+    from parallel.groups import init_layout_groups
     from data_pipeline.training_data import TrainingData
     from pretrain.training.build import build_trainer
 
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
+    topology = init_layout_groups(cfg.parallel, torch.device("cpu"))
     cfg.validate_world(topology.world_size)
     tokens = DocumentTokens if cfg.data.eod_mask_loss else PatternTokens
     return build_trainer(cfg, topology, TrainingData(train=tokens(), valid=tokens(), vocab_size=VOCAB))

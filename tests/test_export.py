@@ -92,7 +92,7 @@ def _config(run_dir: Path, changes: dict):
 
 def two_rank_group(init_run: str, exported: str, workdir: str) -> dict:
     """TP=2 and PP=2 runs from scratch (for export), and a TP=2 run initialised from the export."""
-    from parallel.groups import init_process_groups
+    from parallel.groups import init_layout_groups
     from pretrain.hf.import_weights import init_from
     from data_pipeline.training_data import load_training_data
     from pretrain.training.build import build_trainer
@@ -103,7 +103,7 @@ def two_rank_group(init_run: str, exported: str, workdir: str) -> dict:
                                           ("init_tp2", {"tensor": 2}, INIT_STEPS, exported)):
         cfg = _config(Path(init_run), {"parallel": parallel, "trainer": {
             "run_dir": str(Path(workdir) / name), "train_steps": steps, "init_from": source}})
-        topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
+        topology = init_layout_groups(cfg.parallel, torch.device("cpu"))
         data = load_training_data(cfg.data, topology.rank, log=lambda *_: None)
         trainer = build_trainer(cfg, topology, data)
         if source:

@@ -49,14 +49,14 @@ class RecordingTokens(PatternTokens):
 def _trainer(run_dir, layout, train):
     import torch
 
-    from parallel.groups import init_process_groups
+    from parallel.groups import init_layout_groups
     from data_pipeline.training_data import TrainingData
     from pretrain.training.build import build_trainer
 
     cfg = layout_config(Path(run_dir), **layout)
     cfg.trainer.train_steps = STEPS
     cfg.trainer.checkpoint_interval = SAVED_AT
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, torch.device("cpu"), cfg.parallel.context)
+    topology = init_layout_groups(cfg.parallel, torch.device("cpu"))
     cfg.validate_world(topology.world_size)
     trainer = build_trainer(cfg, topology, TrainingData(train=train, valid=PatternTokens(), vocab_size=VOCAB))
     recorder = LossRecorder()

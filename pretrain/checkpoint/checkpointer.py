@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 from common.errors import TrainingDiverged
 from parallel.engine import Engine
+from parallel.expert import load_expert_weights, save_expert_weights
 from pretrain.checkpoint import files, reshard
 from pretrain.checkpoint.background_writer import BackgroundWriter
 from pretrain.checkpoint.rng_state import capture_rng_state, load_rng_state, restore_rng_state
@@ -90,6 +91,8 @@ class Checkpointer:
                                               save_latest=False)
         write = self.writer.save if self.writer is not None else torch.save
         write(capture_rng_state(), staging / files.rng_file(self.rank))
+        if self.layout.expert > 1:
+            save_expert_weights(self.engine.module, staging, self.num_layers, write)
         if self.rank == 0:
             for name, data in contents.files.items():
                 (staging / name).write_bytes(data)
@@ -146,6 +149,8 @@ class Checkpointer:
                                                   say=self.say)
         else:
             client_state = files.load(self.engine.deepspeed, path)
+            if self.layout.expert > 1:
+                load_expert_weights(self.engine.module, path, self.num_layers)
         rng = load_rng_state(path, self.rank, self.world_size)
         if rng is not None:  # None: written by another number of ranks
             restore_rng_state(rng)

@@ -41,10 +41,12 @@ class Layout:
     zero_stage: int
     precision: str
     context: int = 1
+    expert: int = 1
 
     def __str__(self) -> str:
         context = f" CP={self.context}" if self.context > 1 else ""
-        return (f"TP={self.tensor} PP={self.pipeline}{context} DP={self.data // self.context} "
+        expert = f" EP={self.expert}" if self.expert > 1 else ""
+        return (f"TP={self.tensor} PP={self.pipeline}{context} DP={self.data // self.context}{expert} "
                 f"ZeRO-{self.zero_stage} {self.precision}")
 
 
@@ -54,7 +56,7 @@ def saved_layout(first: dict, path: Path) -> Layout:
         raise CheckpointError(f"{path}: no training config saved with it")
     p = config["parallel"]
     return Layout(p.get("tensor", 1), p.get("pipeline", 1), int(first.get("dp_world_size", 1)),
-                  p.get("zero_stage", 0), p.get("precision", "fp32"), p.get("context", 1))
+                  p.get("zero_stage", 0), p.get("precision", "fp32"), p.get("context", 1), p.get("expert", 1))
 
 
 def read_first_states(path: Path) -> dict:
@@ -272,6 +274,10 @@ def load_resharded(engine, path: Path, current: Layout, num_layers: int, say=pri
         raise RunDirError(f"{path}: written with {saved_layout(read_first_states(path), path)}; resuming it "
                           f"with ZeRO stage {current.zero_stage} {current.precision} is not supported (a layout "
                           "change needs ZeRO stage 0-2 and fp32 or bf16)")
+    saved = saved_layout(read_first_states(path), path)
+    if saved.expert > 1 or current.expert > 1:
+        raise RunDirError(f"{path}: written with {saved}; resuming it with {current} is not supported (a "
+                          "layout change needs parallel.expert=1 on both sides)")
     try:
         state = read_training_state(path, num_layers)
     except CheckpointError as err:

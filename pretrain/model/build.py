@@ -26,6 +26,7 @@ def build_model(cfg: ModelConfig, parallel: ParallelConfig, padded_vocab: int, s
     tconfig = transformer_config(
         cfg, params_dtype=precision_dtype(parallel.precision), tensor_parallel=parallel.tensor,
         pipeline_parallel=parallel.pipeline, sequence_parallel=parallel.sequence_parallel,
+        expert_parallel=parallel.expert,
     )
     if parallel.pipeline > 1:
         # The pipeline's data axis is every rank that averages gradients: data x context.

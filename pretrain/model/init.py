@@ -67,9 +67,13 @@ def initialize(
 
 
 def initialize_local(named_parameters, cfg: ModelConfig, seed: int) -> None:
-    """`initialize` with the model's std and this process's tensor-parallel rank."""
+    """`initialize` with the model's std and this process's tensor-parallel rank; under expert
+    parallelism each local expert is drawn as the one-process expert it is."""
+    named_parameters = list(named_parameters)
+    offset = sharding.expert_offset([n for n, _ in named_parameters],
+                                    parallel_state.get_expert_model_parallel_rank())
     initialize(
-        named_parameters,
+        [(sharding.global_expert_name(n, offset), p) for n, p in named_parameters],
         seed=seed,
         std=cfg.init_std,
         num_layers=cfg.num_layers,

@@ -52,6 +52,7 @@ def transformer_config(
     tensor_parallel: int = 1,
     pipeline_parallel: int = 1,
     sequence_parallel: bool = False,
+    expert_parallel: int = 1,
     recompute: str | None = None,
 ) -> TransformerConfig:
     """megatron-core's TransformerConfig for our model config.
@@ -84,6 +85,7 @@ def transformer_config(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         sequence_parallel=sequence_parallel,
+        expert_model_parallel_size=expert_parallel,
         use_cpu_initialization=True,
         perform_initialization=False,
         bias_activation_fusion=False,

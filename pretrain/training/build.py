@@ -107,7 +107,7 @@ def build_trainer(cfg: Config, topology: Topology, data: TrainingData, triggers:
     checkpointer = Checkpointer(
         engine, t.run_dir, rank=topology.rank, world_size=topology.world_size,
         layout=Layout(topology.tensor, topology.pipeline, topology.gradient_replicas, p.zero_stage, p.precision,
-                      topology.context),
+                      topology.context, topology.expert),
         model=dataclasses.asdict(cfg.model), num_layers=cfg.model.num_layers,
         keep_last=t.keep_last_checkpoints, keep_every=t.keep_every_steps, background=t.async_checkpoint,
         say=lambda message: trainer.print(message), record=lambda record: trainer.log(record),

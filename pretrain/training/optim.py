@@ -30,18 +30,27 @@ def learning_rate(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices only: norms, biases and embeddings are left undecayed."""
-    decay, no_decay = [], []
+    """Decay matrices only: norms, biases and embeddings are left undecayed.
+
+    Under expert parallelism the expert weights (named to DeepSpeed by
+    `parallel.expert`) form groups of their own, flagged `moe`: DeepSpeed's ZeRO
+    partitions and reduces those over the expert-data-parallel group.
+    """
+    decay, no_decay, experts = [], [], {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if param.ndim < 2 or "embedding" in name:
+        if hasattr(param, "group_name"):
+            experts.setdefault(param.group_name, []).append(param)
+        elif param.ndim < 2 or "embedding" in name:
             no_decay.append(param)
         else:
             decay.append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
+        *({"params": params, "weight_decay": weight_decay, "name": group, "moe": True}
+          for group, params in experts.items()),
     ]
 
 

@@ -9,7 +9,7 @@ from common.errors import EXIT_DIVERGED, EXIT_PREEMPTED, TrainingDiverged
 from common.rank_log import rank_log
 from data_pipeline.training_data import load_training_data
 from parallel.engine import check_precision_supported
-from parallel.groups import Topology, init_process_groups, resolve_device
+from parallel.groups import Topology, init_layout_groups, resolve_device
 from pretrain.checkpoint import files
 from pretrain.checkpoint.run_lock import hold_run_dir
 from pretrain.config import Config
@@ -25,7 +25,7 @@ def run(cfg: Config, resolved_yaml: str, launched: bool = False) -> TrainState:
     # SIGUSR1/SIGTERM from here on are served at the first step boundary.
     triggers = SaveTriggers(t.checkpoint_interval, t.checkpoint_minutes, device)
     triggers.install()
-    topology = init_process_groups(cfg.parallel.tensor, cfg.parallel.pipeline, device, cfg.parallel.context)
+    topology = init_layout_groups(cfg.parallel, device)
     cfg.validate_world(topology.world_size)
     # One job at a time: rank 0 holds <run_dir>/.lock from before anything is written into the
     # run directory until this returns or exits; a second job stops here (every rank of it).
