@@ -33,6 +33,7 @@ needs ZeRO 1 or 2, and the module weights are restored from them on loading.
 
 from __future__ import annotations
 
+import re
 from contextlib import contextmanager
 
 import torch
@@ -109,6 +110,9 @@ def settle_engine(engine) -> None:
 # ZeRO leaves the module's weights as the model-states file set them. So the first rank of each
 # expert-data-parallel group also writes its experts' module weights, under their one-process
 # names, and every rank puts its own back after DeepSpeed has loaded.
+
+
+EXPERT_WEIGHTS_FILE = re.compile(r"experts_tp_(\d+)_pp_(\d+)_ep_(\d+)\.pt")
 
 
 def expert_weights_file(tensor_rank: int, pipeline_rank: int, expert_rank: int) -> str:

@@ -49,6 +49,18 @@ CONFIG = [
     case("seq-past-scaled-positions", P, lambda w: w.pretrain(
         model__rope_scaling__type="llama3", model__rope_scaling__factor="2",
         model__rope_scaling__original_max_position_embeddings="16"), "model.max_seq_len=64: above the 32 positions"),
+    # Expert parallelism: whole experts per rank, taken from the data-parallel ranks, under ZeRO 1-2.
+    case("expert-without-experts", P, lambda w: w.pretrain(parallel__expert="2", parallel__zero_stage="1"),
+         "parallel.expert=2: expected model.moe.num_experts > 0"),
+    case("expert-not-dividing-experts", P, lambda w: w.pretrain(model__moe__num_experts="3", model__moe__top_k="2",
+                                                               parallel__expert="2", parallel__zero_stage="1"),
+         "model.moe.num_experts=3: expected a multiple of parallel.expert=2"),
+    case("expert-not-dividing-data-parallel", P, lambda w: w.pretrain(
+        model__moe__num_experts="4", model__moe__top_k="2", parallel__expert="2", parallel__zero_stage="1"),
+         "parallel.expert=2: expected a divisor of the data-parallel x context-parallel size 1"),
+    case("expert-without-zero", P, lambda w: w.pretrain(model__moe__num_experts="4", model__moe__top_k="2",
+                                                       parallel__expert="2"),
+         "parallel.zero_stage=0 with parallel.expert=2: expected parallel.zero_stage 1 or 2"),
     case("bad-config-group", P, lambda w: [*w.pretrain(), "model=nonexistent"], "model/nonexistent"),
     case("override-syntax", P, lambda w: [*w.pretrain(), "model.hidden_size==3"], "model.hidden_size==3"),
     case("override-without-value", P, lambda w: [*w.pretrain(), "model.hidden_size"], "model.hidden_size"),

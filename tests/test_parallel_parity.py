@@ -53,12 +53,20 @@ CONTEXT_TWO_RANKS = {"cp2": {"context": 2}, "cp2_eod": {"context": 2, "eod": Tru
 # one-process MoE model (`moe_reference`); under TP megatron-core's MoE takes sequence slices.
 MOE = {"num_experts": 4, "top_k": 2, "expert_ffn_hidden_size": 64, "shared_expert_ffn_hidden_size": 32,
        "first_dense_layers": 1, "router_z_loss_coeff": 1e-3}
+# With parallel.expert=2 each rank holds two of the four experts (parallel/expert.py).
 MOE_TWO_RANKS = {
     "moe_dp2_zero1": {"zero": 1, "moe": MOE},
     "moe_pp2": {"pipeline": 2, "moe": MOE},
     "moe_tp2_sp": {"tensor": 2, "sequence_parallel": True, "moe": MOE},
-    "moe_dp2_zero1_bf16": {"zero": 1, "precision": "bf16", "moe": MOE},
     "moe_pp2_bf16": {"pipeline": 2, "zero": 1, "precision": "bf16", "moe": MOE},
+    "moe_ep2": {"expert": 2, "zero": 1, "moe": MOE},
+    "moe_ep2_zero2": {"expert": 2, "zero": 2, "moe": MOE},
+    "moe_ep2_bf16": {"expert": 2, "zero": 1, "precision": "bf16", "moe": MOE},
+}
+MOE_FOUR_RANKS = {
+    "moe_ep2_dp2": {"expert": 2, "zero": 1, "moe": MOE},
+    "moe_ep2_tp2_sp": {"expert": 2, "tensor": 2, "sequence_parallel": True, "zero": 1, "moe": MOE},
+    "moe_ep2_pp2": {"expert": 2, "pipeline": 2, "zero": 1, "moe": MOE},
 }
 CONTEXT_FOUR_RANKS = {
     "cp2_tp2": {"context": 2, "tensor": 2},
@@ -68,7 +76,7 @@ CONTEXT_FOUR_RANKS = {
 
 ROOTS = {}
 LAYOUTS = {**TWO_RANKS, **TIED_TWO_RANKS, **EOD_TWO_RANKS, **TIED_FOUR_RANKS,
-           **CONTEXT_TWO_RANKS, **CONTEXT_FOUR_RANKS, **MOE_TWO_RANKS}  # FOUR_RANKS joins below
+           **CONTEXT_TWO_RANKS, **CONTEXT_FOUR_RANKS, **MOE_TWO_RANKS, **MOE_FOUR_RANKS}  # FOUR_RANKS joins below
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +153,8 @@ LAYOUTS.update(FOUR_RANKS)
 @pytest.fixture(scope="module")
 def four_ranks(tmp_path_factory):
     ROOTS["four"] = root = tmp_path_factory.mktemp("four")
-    return run_distributed(train_layouts, 4, str(root), {**FOUR_RANKS, **TIED_FOUR_RANKS, **CONTEXT_FOUR_RANKS})
+    return run_distributed(train_layouts, 4, str(root),
+                           {**FOUR_RANKS, **TIED_FOUR_RANKS, **CONTEXT_FOUR_RANKS, **MOE_FOUR_RANKS})
 
 
 @pytest.mark.parametrize("layout", FOUR_RANKS)
@@ -373,19 +382,46 @@ def test_context_parallel_layout_matches_single_process(reference, eod_reference
 
 @pytest.fixture(scope="module")
 def moe_reference(single_process_groups, tmp_path_factory):
-    return train_layouts(str(tmp_path_factory.mktemp("single_moe")),
-                         {"fp32": {"moe": MOE}, "bf16": {"moe": MOE, "precision": "bf16"}})
+    ROOTS["single_moe"] = root = tmp_path_factory.mktemp("single_moe")
+    return train_layouts(str(root), {"fp32": {"moe": MOE}, "bf16": {"moe": MOE, "precision": "bf16"}})
 
 
-@pytest.mark.parametrize("layout", MOE_TWO_RANKS)
-@pytest.mark.slow  # the two-rank group (`two_ranks`)
-def test_moe_layout_matches_single_process(moe_reference, reference, two_ranks, layout):
+MOE_LAYOUTS = [("two", name) for name in MOE_TWO_RANKS] + [("four", name) for name in MOE_FOUR_RANKS]
+
+
+@pytest.mark.parametrize("world,layout", MOE_LAYOUTS)
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
+def test_moe_layout_matches_single_process(moe_reference, reference, two_ranks, four_ranks, world, layout):
     """fp32 within 1e-5 of the one-process MoE run; bf16 within the bound `bf16_tolerances`
     states (three times one-process bf16's own distance from fp32, at least 1%)."""
     assert moe_reference["fp32"]["losses"] != reference["fp32"]["losses"]  # the experts are in it
-    precision = MOE_TWO_RANKS[layout].get("precision", "fp32")
+    precision = LAYOUTS[layout].get("precision", "fp32")
     rtols = [FP32_RTOL] * STEPS if precision == "fp32" else bf16_tolerances(moe_reference)
-    for result in (r[layout] for r in two_ranks):
+    for result in (r[layout] for r in {"two": two_ranks, "four": four_ranks}[world]):
         assert_close(result["losses"], moe_reference[precision]["losses"], rtols)
         assert result["step"] == STEPS
         assert result["resumed"] == result["continued"]
+
+
+# Adam turns rounding-level differences in near-zero moments into differences of up to
+# about 2e-4 in single weights after five steps (TP2); an expert in the wrong place, or
+# not trained, differs by the size of the weights themselves (init std 0.02).
+EXPERT_ATOL = 1e-3
+
+
+@pytest.mark.parametrize("world,layout", [(w, n) for w, n in MOE_LAYOUTS if "expert" in LAYOUTS[n]
+                                          and LAYOUTS[n].get("precision", "fp32") == "fp32"])
+@pytest.mark.slow  # the two- and four-rank groups (`two_ranks`, `four_ranks`)
+def test_expert_parallel_checkpoints_gather_the_one_process_experts(moe_reference, two_ranks, four_ranks,
+                                                                    world, layout):
+    """Every expert, gathered from each expert-parallel rank's checkpoint file (and tensor
+    shards), is the one-process run's expert after training."""
+    from pretrain.checkpoint.consolidate import load_checkpoint
+
+    expected = load_checkpoint(ROOTS["single_moe"] / "fp32").state_dict
+    gathered = load_checkpoint(ROOTS[world] / layout).state_dict
+    experts = sorted(n for n in expected if ".local_experts." in n and n.endswith("weight"))
+    assert len(experts) == 3 * 2 * MOE["num_experts"]  # three MoE layers, fc1 and fc2 of each expert
+    assert set(gathered) == set(expected)
+    for name in experts:
+        torch.testing.assert_close(gathered[name], expected[name], atol=EXPERT_ATOL, rtol=0, msg=name)

@@ -144,6 +144,27 @@ def _pipeline_shards(directory: Path, num_layers: int) -> list[dict]:
     return [shards[rank] for rank in range(len(shards))]
 
 
+def _add_expert_parallel_weights(directory: Path, shards: list[dict]) -> None:
+    """Under expert parallelism the model files hold the first expert-parallel rank's experts
+    only; every rank's are in its expert file (`parallel.expert`), under one-process names."""
+    from parallel.expert import EXPERT_WEIGHTS_FILE
+
+    files = [(int(m.group(1)), p) for p in sorted(directory.iterdir())
+             if (m := EXPERT_WEIGHTS_FILE.fullmatch(p.name))]
+    if not files:
+        raise CheckpointError(f"{directory}: written with parallel.expert > 1 but holds no expert weight files "
+                              "(experts_tp_XX_pp_XX_ep_XX.pt)")
+    for tensor_rank, file in files:
+        if tensor_rank >= len(shards):
+            raise CheckpointError(f"{file}: tensor-parallel rank {tensor_rank}, but the model files have "
+                                  f"{len(shards)}")
+        shard = shards[tensor_rank]
+        for name, value in _load(file).items():
+            shard[name] = value
+            # megatron-core's linears save an (empty) extra state beside their weight
+            shard.setdefault(name.removesuffix("weight") + "_extra_state", None)
+
+
 def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Checkpoint:
     """The single-process model weights and training config of a checkpoint or run directory."""
     directory = find_checkpoint(path)
@@ -179,6 +200,8 @@ def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None) -> Check
                 f"partitions ({reason})"
             ) from None
         shards = [dict(gathered)]
+    if config.get("parallel", {}).get("expert", 1) > 1:
+        _add_expert_parallel_weights(directory, shards)
     state_dict = consolidate(shards)
     if dtype is not None:
         state_dict = {k: v.to(dtype) if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
